@@ -1,0 +1,1 @@
+"""Data pipelines for imagenet-trainer: tree layout, DALI, torchvision, synthetic data."""

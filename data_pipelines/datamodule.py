@@ -1,0 +1,162 @@
+"""One LightningDataModule for every backend.
+
+``backend``: ``dali_gpu`` (DALI, JPEG decoding on the GPU), ``dali_cpu`` (DALI on the CPU),
+``torchvision`` (Pillow in DataLoader workers), ``synthetic`` (random tensors, to time the model)
+or ``auto``: dali_gpu when training on a GPU with DALI installed, dali_cpu when DALI is installed
+but there is no GPU, torchvision when DALI cannot be imported.
+
+Loaders are built in the ``*_dataloader`` hooks, where the trainer knows the global rank and world
+size (DALI pipelines cannot be pickled to other processes anyway). Shard = global rank, never the
+local rank: on 4 nodes the local rank would make each node read the same quarter of the data.
+"""
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+
+import pytorch_lightning as pl
+
+from data_pipelines import layout
+from data_pipelines.sharding import steps_per_epoch
+
+log = logging.getLogger(__name__)
+
+
+def dali_importable() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install counts as absent, with a warning
+        return False
+    return True
+
+
+def resolve_backend(backend: str, on_gpu: bool) -> str:
+    """The concrete backend for ``backend`` (which may be ``auto``); fails early on impossible ones."""
+    if backend == "auto":
+        if dali_importable():
+            return "dali_gpu" if on_gpu else "dali_cpu"
+        return "torchvision"
+    if backend.startswith("dali") and not dali_importable():
+        raise RuntimeError(
+            f"data.backend={backend} needs NVIDIA DALI, which cannot be imported here: "
+            f"pip install 'imagenet-trainer[dali]', or use data.backend=torchvision"
+        )
+    if backend == "dali_gpu" and not on_gpu:
+        raise RuntimeError(
+            "data.backend=dali_gpu needs a CUDA GPU and trainer.accelerator=gpu (or auto with a GPU); "
+            "none is in use here: use data.backend=dali_cpu or auto"
+        )
+    return backend
+
+
+class ImageNetDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        *,
+        root: str | None,
+        backend: str,
+        on_gpu: bool,
+        batch_size: int,
+        image_size: int,
+        val_resize: int,
+        num_workers: int,
+        seed: int,
+        filelist_cache: bool = True,
+        synthetic_size: int = 1281167,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.root = root
+        self.backend = resolve_backend(backend, on_gpu)
+        if backend == "auto":
+            log.info("data.backend=auto chose %s", self.backend)
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.val_resize = val_resize
+        self.num_workers = num_workers
+        self.seed = seed
+        self.filelist_cache = filelist_cache
+        self.synthetic_size = synthetic_size
+        self._num_classes = num_classes
+        if self.backend != "synthetic" and not root:
+            raise ValueError("data.root is not set: pass data.root=/path/to/imagenet")
+
+    # --- the tree: scanned once, lazily ---------------------------------------------------
+
+    @cached_property
+    def splits(self) -> tuple[layout.Split, layout.Split]:
+        if self.filelist_cache:
+            try:
+                from data_pipelines.filelist import cached_split
+            except ImportError:  # the cache is an optimisation; scanning is always correct
+                cached_split = None
+            if cached_split is not None:
+                train = cached_split(self.root, "train")
+                return train, cached_split(self.root, "val", classes=train.classes)
+        return layout.scan_dataset(self.root)
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in index order (wnids, sorted); synthetic data has numbered classes."""
+        if self.backend == "synthetic":
+            return [f"class{i}" for i in range(self._num_classes or 1000)]
+        return self.splits[0].classes
+
+    # --- distributed position ------------------------------------------------------------
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    # --- loaders ---------------------------------------------------------------------------
+
+    def train_dataloader(self):
+        rank, world = self._rank_world()
+        if self.backend == "synthetic":
+            return self._synthetic(steps_per_epoch(self.synthetic_size, world, self.batch_size))
+        split = self.splits[0]
+        if self.backend == "torchvision":
+            from data_pipelines.torchvision_loader import build_train_loader
+
+            return build_train_loader(
+                split.files, split.labels, batch_size=self.batch_size, image_size=self.image_size,
+                num_workers=self.num_workers, seed=self.seed, shard_id=rank, num_shards=world,
+            )
+        return self._dali(split, train=True, rank=rank, world=world)
+
+    def val_dataloader(self):
+        rank, world = self._rank_world()
+        if self.backend == "synthetic":
+            return self._synthetic(max(1, 50000 // (world * self.batch_size)))
+        split = self.splits[1]
+        if self.backend == "torchvision":
+            from data_pipelines.torchvision_loader import build_val_loader
+
+            return build_val_loader(
+                split.files, split.labels, batch_size=self.batch_size, image_size=self.image_size,
+                val_resize=self.val_resize, num_workers=self.num_workers, shard_id=rank, num_shards=world,
+            )
+        return self._dali(split, train=False, rank=rank, world=world)
+
+    def _synthetic(self, num_batches: int):
+        from data_pipelines.synthetic import SyntheticLoader
+
+        return SyntheticLoader(
+            num_batches=num_batches, batch_size=self.batch_size, image_size=self.image_size,
+            num_classes=len(self.classes), seed=self.seed,
+        )
+
+    def _dali(self, split: layout.Split, *, train: bool, rank: int, world: int):
+        from data_pipelines.dali import DALILoader
+
+        on_gpu = self.backend == "dali_gpu"
+        device_id = None
+        if on_gpu:
+            device_id = self.trainer.strategy.root_device.index if self.trainer is not None else 0
+        return DALILoader(
+            split.files, split.labels, train=train, batch_size=self.batch_size, image_size=self.image_size,
+            val_resize=self.val_resize, shard_id=rank, num_shards=world, seed=self.seed,
+            device="gpu" if on_gpu else "cpu", device_id=device_id, num_threads=max(1, self.num_workers),
+        )

@@ -1,0 +1,95 @@
+"""Scanning and validating an ImageNet-layout tree.
+
+    ROOT/train/<wnid>/*.JPEG
+    ROOT/val/<wnid>/*.JPEG
+
+The class index is the position of the wnid in the sorted list of train folders, the same order
+as torchvision's ``ImageFolder``, so that weights trained here interoperate with torchvision code.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Lower-cased; ImageNet uses ".JPEG", users' own trees often ".jpg" or ".png".
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+
+
+class DataLayoutError(ValueError):
+    """The tree does not have the ImageNet layout; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of the tree: every image file and its class index."""
+
+    root: Path
+    classes: list[str]
+    files: list[str] = field(repr=False)
+    labels: list[int] = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def list_classes(split_dir: Path) -> list[str]:
+    """Sorted class folder names under ``split_dir`` (hidden folders skipped)."""
+    if not split_dir.is_dir():
+        raise DataLayoutError(
+            f"{split_dir} is missing: an ImageNet-layout root needs train/<class>/*.JPEG and "
+            f"val/<class>/*.JPEG (make a small one with `imagenet-trainer sample-data DIR`)"
+        )
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataLayoutError(f"{split_dir} has no class folders: expected {split_dir}/<class>/*.JPEG")
+    return classes
+
+
+def scan_split(root: str | os.PathLike, split: str, classes: list[str] | None = None) -> Split:
+    """List every image of ``root/split``.
+
+    ``classes`` fixes the class index (the train classes, when scanning val); a folder of
+    ``split`` that is not among them is an error, a class of ``classes`` missing from val is not
+    (a val subset is legitimate).
+    """
+    split_dir = Path(root) / split
+    found = list_classes(split_dir)
+    if classes is None:
+        classes = found
+    else:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise DataLayoutError(
+                f"{split_dir} has {len(unknown)} class folder(s) absent from train/: {shown}; "
+                f"every val class needs a train folder of the same name"
+            )
+    index = {c: i for i, c in enumerate(classes)}
+    files: list[str] = []
+    labels: list[int] = []
+    for wnid in found:
+        class_dir = split_dir / wnid
+        names = sorted(e.name for e in os.scandir(class_dir) if e.is_file() and _is_image(e.name))
+        if not names:
+            raise DataLayoutError(
+                f"{class_dir} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)}); "
+                f"remove the folder or add its images"
+            )
+        files.extend(str(class_dir / n) for n in names)
+        labels.extend([index[wnid]] * len(names))
+    return Split(root=split_dir, classes=list(classes), files=files, labels=labels)
+
+
+def scan_dataset(root: str | os.PathLike) -> tuple[Split, Split]:
+    """Scan ``root/train`` and ``root/val``; val is indexed by the train classes."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataLayoutError(f"data.root={root} does not exist or is not a folder")
+    train = scan_split(root, "train")
+    val = scan_split(root, "val", classes=train.classes)
+    return train, val

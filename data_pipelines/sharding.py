@@ -1,0 +1,102 @@
+"""Which images each rank reads, in which order: one definition for every backend.
+
+Every backend (DALI on the GPU or CPU, torchvision) feeds the indices these functions return, so
+that the sample sequence is a function of (seed, epoch, rank, world size) alone:
+
+* training: a fresh permutation of the whole split each epoch, dealt round-robin to the ranks and
+  cut to the same number of full batches on every rank (unequal step counts deadlock DDP); the
+  fewer than ``num_shards * batch_size`` images left over differ from epoch to epoch;
+* validation: contiguous, disjoint slices that together hold every image exactly once (no padded
+  duplicates, unlike ``DistributedSampler``), so top-1 is exact under any world size;
+* resuming mid-epoch: ``start_step`` skips exactly the batches already fed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def steps_per_epoch(num_images: int, num_shards: int, batch_size: int) -> int:
+    """Training steps every rank runs in one epoch."""
+    steps = num_images // (num_shards * batch_size)
+    if steps == 0:
+        raise ValueError(
+            f"the training split has {num_images} images, fewer than one batch per rank "
+            f"({num_shards} rank(s) x data.batch_size={batch_size}); lower data.batch_size"
+        )
+    return steps
+
+
+def train_indices(
+    num_images: int,
+    *,
+    epoch: int,
+    seed: int,
+    shard_id: int,
+    num_shards: int,
+    batch_size: int,
+    start_step: int = 0,
+) -> np.ndarray:
+    """Indices rank ``shard_id`` feeds in ``epoch``, from batch ``start_step`` on."""
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id={shard_id} is outside [0, num_shards={num_shards})")
+    steps = steps_per_epoch(num_images, num_shards, batch_size)
+    perm = np.random.default_rng([seed, epoch]).permutation(num_images)
+    mine = perm[shard_id::num_shards][: steps * batch_size]
+    return mine[start_step * batch_size :]
+
+
+def val_indices(num_images: int, *, shard_id: int, num_shards: int) -> range:
+    """A contiguous slice; slices of all ranks are disjoint and cover every image once."""
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id={shard_id} is outside [0, num_shards={num_shards})")
+    start = num_images * shard_id // num_shards
+    stop = num_images * (shard_id + 1) // num_shards
+    return range(start, stop)
+
+
+class EpochSampler:
+    """This rank's training indices for the current epoch, as a DataLoader sampler.
+
+    Lightning calls ``set_epoch`` before each epoch (it looks for ``loader.sampler.set_epoch``);
+    ``state_dict``/``load_state_dict`` carry the position so that a resumed epoch feeds only the
+    batches the interrupted one had not fed.
+    """
+
+    def __init__(self, num_images: int, *, seed: int, shard_id: int, num_shards: int, batch_size: int) -> None:
+        self.num_images = num_images
+        self.seed = seed
+        self.shard_id = shard_id
+        self.num_shards = num_shards
+        self.batch_size = batch_size
+        self.epoch = 0
+        self.start_step = 0
+        self.steps = steps_per_epoch(num_images, num_shards, batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.start_step = 0
+
+    def indices(self) -> np.ndarray:
+        return train_indices(
+            self.num_images,
+            epoch=self.epoch,
+            seed=self.seed,
+            shard_id=self.shard_id,
+            num_shards=self.num_shards,
+            batch_size=self.batch_size,
+            start_step=self.start_step,
+        )
+
+    def __iter__(self):
+        return iter(self.indices().tolist())
+
+    def __len__(self) -> int:
+        return (self.steps - self.start_step) * self.batch_size
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "start_step": self.start_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.start_step = int(state["start_step"])

@@ -1,0 +1,131 @@
+"""The LightningModule: model, loss, optimiser, learning-rate schedule and metrics.
+
+Data belongs to the DataModule and launching to the CLI; nothing here reads the config.
+"""
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the peak lr at optimiser step ``step`` (0-based).
+
+    Linear warmup reaching 1.0 at step ``warmup_steps - 1``, then a cosine from 1.0 to 0.0 at
+    step ``total_steps``; stepped per iteration, as NVIDIA's and torchvision's recipes do.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv and linear weights only: none on BatchNorm parameters or biases.
+
+    Every 1-D parameter of these networks is a BN scale/shift or a bias, so the rule is "ndim > 1".
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class Classifier(pl.LightningModule):
+    """Image classification with cross-entropy, SGD and warmup + cosine.
+
+    ``config`` (the resolved run config, a plain dict) and ``classes`` (class names in index
+    order) are saved in every checkpoint, so a checkpoint is enough to rebuild, validate and
+    export the model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_classes: int,
+        batch_size: int,
+        lr: float,
+        momentum: float,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        label_smoothing: float = 0.0,
+        warmup_epochs: float = 0.0,
+        channels_last: bool = False,
+        config: dict | None = None,
+        classes: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        top5 = min(5, num_classes)
+        self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        # Counts the images validated over all ranks: shows that none is counted twice.
+        self.val_images = SumMetric()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        self.train_top1(logits, labels)
+        n = labels.shape[0]
+        # No sync_dist on step values: each would be a blocking all-reduce every step.
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train/top1", self.train_top1, on_step=True, on_epoch=True, batch_size=n)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        n = labels.shape[0]
+        self.val_top1.update(logits, labels)
+        self.val_top5.update(logits, labels)
+        self.val_images.update(torch.tensor(float(n), device=logits.device))
+        self.log("val/loss", self.criterion(logits, labels), on_epoch=True, sync_dist=True, batch_size=n)
+        # Metric objects sync their states across ranks at compute(): exact under DDP.
+        self.log("val/top1", self.val_top1, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("val/top5", self.val_top5, on_epoch=True, batch_size=n)
+        self.log("val/images", self.val_images, on_epoch=True, batch_size=n)
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(images).softmax(dim=1)
+
+    # --- optimiser and schedule ----------------------------------------------------------
+
+    def peak_lr(self) -> float:
+        """``lr`` is given per 256 images; the run scales it by the global batch (Goyal et al.)."""
+        global_batch = self.hparams.batch_size * (self.trainer.world_size if self._trainer else 1)
+        return self.hparams.lr * global_batch / 256
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(
+            param_groups(self.model, self.hparams.weight_decay),
+            lr=self.peak_lr(),
+            momentum=self.hparams.momentum,
+            nesterov=self.hparams.nesterov,
+        )
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs)
+        warmup_steps = int(round(self.hparams.warmup_epochs * steps_per_epoch))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

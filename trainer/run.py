@@ -1,0 +1,224 @@
+"""From a resolved config to Lightning objects, and the fit/validate jobs built on them.
+
+With ``cli.py`` this is the entrypoint: the only code besides ``config.py`` that reads the config.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+from data_pipelines.datamodule import ImageNetDataModule
+from trainer.callbacks import AtomicCheckpointIO, PlainProgress, Throughput
+from trainer.config import Config, ConfigError, require_data_root, to_dict, to_yaml, validate
+from trainer.models import build_model
+from trainer.module import Classifier
+
+log = logging.getLogger("imagenet_trainer")
+
+
+def wants_gpu(cfg: DictConfig) -> bool:
+    accel = cfg.trainer.accelerator
+    return accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
+
+
+def build_datamodule(cfg: DictConfig) -> ImageNetDataModule:
+    d = cfg.data
+    root = None if d.backend == "synthetic" else require_data_root(cfg)
+    return ImageNetDataModule(
+        root=root,
+        backend=d.backend,
+        on_gpu=wants_gpu(cfg),
+        batch_size=d.batch_size,
+        image_size=d.image_size,
+        val_resize=d.val_resize,
+        num_workers=d.num_workers,
+        seed=cfg.seed,
+        filelist_cache=d.filelist_cache,
+        synthetic_size=d.synthetic_size,
+        num_classes=cfg.model.num_classes,
+    )
+
+
+def build_module(cfg: DictConfig, classes: list[str]) -> Classifier:
+    num_classes = cfg.model.num_classes or len(classes)
+    if num_classes < len(classes):
+        raise ConfigError(
+            f"model.num_classes={num_classes} is smaller than the {len(classes)} classes found in the data; "
+            f"leave it unset (null) to take the data's count"
+        )
+    m, o = cfg.model, cfg.optim
+    model = build_model(m.arch, num_classes, zero_init_residual=m.zero_init_residual, channels_last=m.channels_last)
+    if m.compile:
+        model = torch.compile(model)
+    resolved = to_dict(cfg)
+    resolved["model"]["num_classes"] = num_classes
+    return Classifier(
+        model,
+        num_classes=num_classes,
+        batch_size=cfg.data.batch_size,
+        lr=o.lr,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        weight_decay=o.weight_decay,
+        label_smoothing=o.label_smoothing,
+        warmup_epochs=o.warmup_epochs,
+        channels_last=m.channels_last,
+        config=resolved,
+        classes=list(classes),
+    )
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Trainer:
+    t = cfg.trainer
+    distributed = t.num_nodes > 1 or (isinstance(t.devices, int) and t.devices > 1)
+    tty = sys.stdout.isatty()
+    callbacks: list[pl.Callback] = []
+    loggers = []
+    if for_fit:
+        callbacks += [
+            ModelCheckpoint(
+                dirpath=run_dir / "checkpoints",
+                filename="best-epoch{epoch:03d}",
+                auto_insert_metric_name=False,
+                monitor="val/top1",
+                mode="max",
+                save_top_k=1,
+                save_last=True,
+            ),
+            LearningRateMonitor(logging_interval="step"),
+            Throughput(every=t.log_every_n_steps),
+        ]
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
+    callbacks.append(TQDMProgressBar() if tty else PlainProgress(every=t.log_every_n_steps))
+    return pl.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy="ddp" if distributed else "auto",
+        precision=t.precision,
+        max_epochs=t.max_epochs,
+        log_every_n_steps=t.log_every_n_steps,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        deterministic=t.deterministic,
+        callbacks=callbacks,
+        logger=loggers or False,
+        enable_progress_bar=tty,
+        enable_checkpointing=for_fit,
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
+        # Our loaders shard by global rank themselves (data_pipelines/sharding.py).
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+    )
+
+
+@rank_zero_only
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _metrics(trainer: pl.Trainer) -> dict:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+
+def fit(cfg: DictConfig) -> dict:
+    """Train as configured; returns (and writes to ``run.dir/summary.json``) the summary."""
+    t0 = time.time()
+    run_dir = Path(cfg.run.dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.exists() and not cfg.run.resume:
+        raise ConfigError(
+            f"{last} exists and run.resume=false: choose another run.dir, or resume with run.resume=true"
+        )
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm.classes)
+    trainer = build_trainer(cfg, run_dir, for_fit=True)
+    _write_text(run_dir / "config.yaml", to_yaml(cfg))
+    ckpt_path = str(last) if last.exists() else None
+    if ckpt_path:
+        log.info("resuming from %s (set run.resume=false or another run.dir to start afresh)", ckpt_path)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    metrics = _metrics(trainer)
+    ckpt_cb = trainer.checkpoint_callback
+    best = ckpt_cb.best_model_path if ckpt_cb is not None else ""
+    if "val/top1" not in metrics:  # nothing left to train (a finished run fitted again)
+        trainer.validate(module, datamodule=dm, verbose=False)
+        metrics = _metrics(trainer)
+    summary = {
+        **metrics,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "best_ckpt": best,
+        "best/val/top1": float(ckpt_cb.best_model_score) if ckpt_cb is not None and ckpt_cb.best_model_score is not None else None,
+        "last_ckpt": str(last),
+        "backend": dm.backend,
+        "world_size": trainer.world_size,
+        "wall_time_s": round(time.time() - t0, 2),
+    }
+    _write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def load_checkpoint_config(ckpt_path: str | Path, overrides: list[str]) -> tuple[DictConfig, dict]:
+    """The config saved in a checkpoint, with ``overrides`` applied; and the raw checkpoint."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    # weights_only: a checkpoint from elsewhere must not run code when loaded.
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hp = ckpt.get("hyper_parameters", {})
+    if "config" not in hp:
+        raise ConfigError(f"{path} is not an imagenet-trainer checkpoint (no config in its hyper_parameters)")
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    cfg = OmegaConf.merge(cfg, hp["config"])
+    if overrides:
+        from trainer.config import _merge
+
+        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command line")
+    validate(cfg)
+    return cfg, ckpt
+
+
+def validate_checkpoint(ckpt_path: str | Path, overrides: list[str]) -> dict:
+    """Validate a checkpoint on ``data.root``'s val split (the saved one unless overridden)."""
+    cfg, ckpt = load_checkpoint_config(ckpt_path, overrides)
+    dm = build_datamodule(cfg)
+    classes = ckpt["hyper_parameters"].get("classes") or dm.classes
+    if dm.backend != "synthetic" and list(dm.classes) != list(classes):
+        raise ConfigError(
+            f"the classes under data.root={cfg.data.root} differ from the {len(classes)} the checkpoint "
+            f"was trained on: the class index would not match"
+        )
+    module = build_module(cfg, classes)
+    module.load_state_dict(ckpt["state_dict"])
+    trainer = build_trainer(cfg, Path(cfg.run.dir), for_fit=False)
+    trainer.validate(module, datamodule=dm, verbose=False)
+    result = _metrics(trainer)
+    result = {
+        "checkpoint": str(ckpt_path),
+        "top1": result.get("val/top1"),
+        "top5": result.get("val/top5"),
+        "images": int(result.get("val/images", 0)),
+        "loss": result.get("val/loss"),
+        "data_root": cfg.data.root,
+    }
+    return result
