@@ -1,0 +1,63 @@
+"""Shared fixtures: small real JPEG trees, and running the real CLI in a subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Keep caches and W&B files out of the user's home: everything under pytest's tmp."""
+    home = tmp_path_factory.getbasetemp() / "home"
+    home.mkdir(exist_ok=True)
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(home / var.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "cache"))
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory) -> Path:
+    """A learnable 10-class tree (the same generator as `imagenet-trainer sample-data`)."""
+    from data_pipelines.sample import make_sample_tree
+
+    return make_sample_tree(tmp_path_factory.mktemp("sample"), num_classes=10, train_per_class=120,
+                            val_per_class=30, image_size=(48, 40))
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """A tiny 4-class tree for plumbing tests."""
+    from data_pipelines.sample import make_sample_tree
+
+    return make_sample_tree(tmp_path_factory.mktemp("tiny"), num_classes=4, train_per_class=16,
+                            val_per_class=5, image_size=(40, 32))
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `imagenet-trainer ARGS` as a user would (a fresh process: DDP re-runs argv)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.setdefault("PYTHONWARNINGS", "ignore")
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# Small, fast CPU settings shared by the fit tests: a CIFAR-style net on 32x32 crops.
+CPU_FIT = [
+    "experiment=smoke",
+    "data.backend=torchvision",
+    "data.num_workers=0",
+    "trainer.accelerator=cpu",
+]

@@ -1,0 +1,90 @@
+"""Every shipped config composes and validates; bad input exits 2 naming the key."""
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import run_cli
+from trainer.config import ConfigError, conf_dir, experiments, load_config
+
+
+def test_base_config_composes_with_every_key_users_rely_on():
+    cfg = load_config(["data.root=/data/imagenet"])
+    for key in ("data.root", "data.backend", "data.batch_size", "data.image_size", "data.val_resize",
+                "data.num_workers", "model.arch", "model.num_classes", "optim.lr", "optim.warmup_epochs",
+                "trainer.max_epochs", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+                "trainer.precision", "run.dir", "seed"):
+        OmegaConf.select(cfg, key, throw_on_missing=True)  # raises if absent
+
+
+@pytest.mark.parametrize("name", experiments())
+def test_every_experiment_composes(name):
+    cfg = load_config([f"experiment={name}", "data.root=/data/imagenet"])
+    assert cfg.experiment == name
+
+
+def test_every_yaml_under_conf_is_an_experiment_or_the_base():
+    files = {p.relative_to(conf_dir()).as_posix() for p in conf_dir().rglob("*.yaml")}
+    assert files == {"config.yaml"} | {f"experiment/{n}.yaml" for n in experiments()}
+
+
+def test_rn50_90ep_is_nvidias_recipe():
+    cfg = load_config(["experiment=rn50_90ep", "data.root=/x"])
+    assert cfg.optim.momentum == 0.875 and cfg.optim.lr == 0.256
+    assert cfg.optim.weight_decay == 3.0517578125e-05 and cfg.optim.label_smoothing == 0.1
+    assert cfg.optim.warmup_epochs == 8 and cfg.trainer.max_epochs == 90
+    assert cfg.data.batch_size == 256 and cfg.trainer.precision == "bf16-mixed"
+
+
+def test_overrides_apply_in_order():
+    cfg = load_config(["experiment=smoke", "data.root=/x", "model.arch=resnet101", "data.batch_size=128"])
+    assert cfg.model.arch == "resnet101" and cfg.data.batch_size == 128
+    assert cfg.data.image_size == 32  # from the smoke recipe
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("data.batchsize=3", ["data.batchsize", "data.batch_size"]),
+        ("modl.arch=resnet18", ["modl", "model"]),
+        ("data.batch_size=abc", ["data.batch_size", "abc"]),
+        ("model.arch=vgg16", ["model.arch", "resnet50", "plain18"]),
+        ("data.backend=opencv", ["data.backend", "dali_cpu"]),
+        ("experiment=nope", ["experiment", "smoke"]),
+        ("trainer.precision=8", ["trainer.precision", "bf16-mixed"]),
+        ("data.val_resize=10", ["data.val_resize", "data.image_size"]),
+        ("noequals", ["key=value"]),
+    ],
+)
+def test_bad_override_fails_naming_the_key(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(["data.root=/x", override])
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_cli_exits_2_on_a_misspelt_key_before_anything_heavy(tmp_path):
+    proc = run_cli("fit", "data.root=/nonexistent", "optim.learning_rate=0.1", f"run.dir={tmp_path}/run", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "optim.learning_rate" in proc.stderr and "optim.lr" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_missing_data_root_exits_2(tmp_path):
+    proc = run_cli("fit", f"run.dir={tmp_path}/run", timeout=120)
+    assert proc.returncode == 2
+    assert "data.root" in proc.stderr
+
+
+def test_cli_bad_tree_exits_2_naming_the_folder(tmp_path):
+    (tmp_path / "train").mkdir()
+    proc = run_cli("fit", "experiment=smoke", f"data.root={tmp_path}", f"run.dir={tmp_path}/run", timeout=120)
+    assert proc.returncode == 2
+    assert str(tmp_path / "train") in proc.stderr
+
+
+def test_print_config_prints_resolved_yaml():
+    proc = run_cli("print-config", "experiment=smoke", "data.root=/data", "model.arch=plain34", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    cfg = OmegaConf.create(proc.stdout)
+    assert cfg.model.arch == "plain34" and cfg.run.dir == "runs/smoke" and cfg.data.root == "/data"
