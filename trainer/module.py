@@ -89,6 +89,8 @@ class Classifier(pl.LightningModule):
         # No sync_dist on step values: each would be a blocking all-reduce every step.
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         self.log("train/top1", self.train_top1, on_step=True, on_epoch=True, batch_size=n)
+        if self._trainer is not None:  # a python float: logging it costs no device sync
+            self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=n)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:

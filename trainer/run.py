@@ -14,7 +14,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -96,7 +96,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Traine
                 save_top_k=1,
                 save_last=True,
             ),
-            LearningRateMonitor(logging_interval="step"),
             Throughput(every=t.log_every_n_steps),
         ]
         loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
