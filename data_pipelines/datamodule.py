@@ -78,6 +78,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.filelist_cache = filelist_cache
         self.synthetic_size = synthetic_size
         self._num_classes = num_classes
+        self._resume: dict | None = None  # data position restored from a checkpoint
         if self.backend != "synthetic" and not root:
             raise ValueError("data.root is not set: pass data.root=/path/to/imagenet")
 
@@ -110,6 +111,30 @@ class ImageNetDataModule(pl.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
+    # --- data position: saved in every checkpoint ---------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The epoch and the number of its batches whose step completed.
+
+        Lightning saves this in each checkpoint; on resume it restores its own batch counter to
+        the same number and restarts the epoch, so the training loader must skip exactly those
+        batches (and no more) to feed each image of the epoch once.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return {"epoch": trainer.current_epoch, "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state) if state else None
+
+    def _resume_position(self) -> tuple[int, int] | None:
+        """(epoch, batches done) from the checkpoint being resumed, if any."""
+        if not self._resume:
+            return None
+        return int(self._resume["epoch"]), int(self._resume["batches_done"])
+
     # --- loaders ---------------------------------------------------------------------------
 
     def train_dataloader(self):
@@ -123,6 +148,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             return build_train_loader(
                 split.files, split.labels, batch_size=self.batch_size, image_size=self.image_size,
                 num_workers=self.num_workers, seed=self.seed, shard_id=rank, num_shards=world,
+                resume=self._resume_position(),
             )
         return self._dali(split, train=True, rank=rank, world=world)
 

@@ -57,25 +57,35 @@ def val_indices(num_images: int, *, shard_id: int, num_shards: int) -> range:
 class EpochSampler:
     """This rank's training indices for the current epoch, as a DataLoader sampler.
 
-    Lightning calls ``set_epoch`` before each epoch (it looks for ``loader.sampler.set_epoch``);
-    ``state_dict``/``load_state_dict`` carry the position so that a resumed epoch feeds only the
-    batches the interrupted one had not fed.
+    Lightning calls ``set_epoch`` before each epoch (it looks for ``loader.sampler.set_epoch``).
+    ``resume`` = (epoch, batches already fed in it), from a checkpoint: when that epoch comes,
+    iteration starts after those batches, so a resumed epoch feeds only what the interrupted one
+    had not fed. ``len()`` stays the full epoch, as Lightning counts the skipped batches as done.
     """
 
-    def __init__(self, num_images: int, *, seed: int, shard_id: int, num_shards: int, batch_size: int) -> None:
+    def __init__(
+        self,
+        num_images: int,
+        *,
+        seed: int,
+        shard_id: int,
+        num_shards: int,
+        batch_size: int,
+        resume: tuple[int, int] | None = None,
+    ) -> None:
         self.num_images = num_images
         self.seed = seed
         self.shard_id = shard_id
         self.num_shards = num_shards
         self.batch_size = batch_size
-        self.epoch = 0
-        self.start_step = 0
         self.steps = steps_per_epoch(num_images, num_shards, batch_size)
+        self.resume = resume
+        self.epoch = 0
+        self.set_epoch(resume[0] if resume else 0)
 
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self.start_step = 0
+        self.epoch = epoch
+        self.start_step = self.resume[1] if self.resume and self.resume[0] == epoch else 0
 
     def indices(self) -> np.ndarray:
         return train_indices(
@@ -89,14 +99,9 @@ class EpochSampler:
         )
 
     def __iter__(self):
-        return iter(self.indices().tolist())
+        indices = self.indices()
+        self.resume, self.start_step = None, 0  # the skip applies once; a later pass is whole
+        return iter(indices.tolist())
 
     def __len__(self) -> int:
-        return (self.steps - self.start_step) * self.batch_size
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "start_step": self.start_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
-        self.start_step = int(state["start_step"])
+        return self.steps * self.batch_size

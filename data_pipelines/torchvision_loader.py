@@ -73,8 +73,11 @@ def build_train_loader(
     seed: int,
     shard_id: int,
     num_shards: int,
+    resume: tuple[int, int] | None = None,
 ) -> DataLoader:
-    sampler = EpochSampler(len(files), seed=seed, shard_id=shard_id, num_shards=num_shards, batch_size=batch_size)
+    """Training batches of rank ``shard_id``; ``resume`` = (epoch, batches of it already fed)."""
+    sampler = EpochSampler(len(files), seed=seed, shard_id=shard_id, num_shards=num_shards,
+                           batch_size=batch_size, resume=resume)
     return DataLoader(
         ImageFiles(files, labels, train_transform(image_size)),
         batch_size=batch_size,
