@@ -12,9 +12,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # conf/ is installed as the package trainer.conf, so an installed CLI finds its YAML anywhere.
-    packages=["trainer", "data_pipelines", "trainer.conf"],
-    package_dir={"trainer.conf": "conf"},
-    package_data={"trainer.conf": ["*.yaml", "experiment/*.yaml"]},
+    # slurm/ likewise as trainer.slurm_scripts, for `imagenet-trainer submit`.
+    packages=["trainer", "data_pipelines", "trainer.conf", "trainer.slurm_scripts"],
+    package_dir={"trainer.conf": "conf", "trainer.slurm_scripts": "slurm"},
+    package_data={"trainer.conf": ["*.yaml", "experiment/*.yaml"], "trainer.slurm_scripts": ["*.sbatch", "*.md"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",
@@ -27,6 +28,9 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130>=2.0"],
         "wandb": ["wandb>=0.19"],
+        # export / load_pretrained / predict of safetensors and ONNX files; torch's ONNX exporter needs onnxscript
+        "export": ["safetensors>=0.4", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
+        "plot": ["matplotlib>=3.8"],
         "test": ["pytest>=8"],
     },
     entry_points={"console_scripts": ["imagenet-trainer=trainer.cli:main"]},

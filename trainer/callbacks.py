@@ -38,6 +38,8 @@ class Throughput(pl.Callback):
         self.last_end = self.epoch_start
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.window_start is None:  # resumed mid-epoch: Lightning skips on_train_epoch_start
+            self.epoch_start = self.window_start = time.perf_counter()
         if self.last_end is not None:
             self.wait += time.perf_counter() - self.last_end
 

@@ -71,11 +71,61 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="80x64", help="WIDTHxHEIGHT of the images (default 80x64)")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("submit", help="render slurm/train.sbatch for this config and sbatch it",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Render slurm/train.sbatch with these SLURM options and config overrides, "
+                                   "submit it with sbatch and print the job id. The job runs "
+                                   "`srun python -m trainer fit OVERRIDES` with one task per GPU; node count and "
+                                   "devices per node come from the allocation.",
+                       epilog="Example:\n  imagenet-trainer submit --nodes 2 --gpus-per-node 8 --time 48:00:00 \\\n"
+                              "      experiment=rn50_90ep data.root=/datasets/imagenet")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="0 makes a CPU job (gloo)")
+    p.add_argument("--tasks-per-node", type=int, default=None, help="default: one per GPU (1 for CPU jobs)")
+    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--time", default=None, help="HH:MM:SS or D-HH:MM:SS")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--job-name", default=None, help="default: experiment name, else imagenet-trainer")
+    p.add_argument("--signal-seconds", type=int, default=None,
+                   help="send USR1 this many seconds before the time limit (checkpoint + requeue); default 180")
+    p.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    p.add_argument("--wait", action="store_true", help="wait for the job; exit with its exit code")
+    p.add_argument("--script-dir", default="runs/sbatch", help="where rendered scripts are kept (default runs/sbatch)")
+    _overrides(p)
+
     p = sub.add_parser("check-data", help="decode every image of a tree and report bad files",
                        description="Decodes every file under ROOT/train and ROOT/val in parallel; prints each bad "
                                    "file with its reason. Exit 1 if any is bad, 0 when clean.")
     p.add_argument("root")
     p.add_argument("--workers", type=int, default=None, help="parallel decoders (default: CPU count)")
+
+    p = sub.add_parser("export", help="write a checkpoint as a torchvision state_dict, safetensors or ONNX",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Export a Lightning checkpoint for use without this project, with a JSON sidecar "
+                                   "OUT.json (arch, class names in index order, preprocessing).",
+                       epilog="torchvision: torchvision.models.resnet50(num_classes=K).load_state_dict(torch.load(OUT, "
+                              "weights_only=True))\n  (resnet18/34/50/101/152; other archs: trainer.models.build_model)\n"
+                              "onnx: input 'images' [batch, 3, crop, crop], output 'logits'; batch axis dynamic\n"
+                              "Any of them loads back with trainer.load_pretrained(OUT).")
+    p.add_argument("ckpt")
+    p.add_argument("--format", dest="fmt", default="torchvision", choices=["torchvision", "safetensors", "onnx"])
+    p.add_argument("--out", default=None, help="output file (default: beside CKPT, .pt/.safetensors/.onnx)")
+
+    p = sub.add_parser("predict", help="top-k classes of image files or folders",
+                       description="Top-k class names and probabilities for image files, or every image under "
+                                   "folders. MODEL: a .ckpt, an exported file, or wandb:ENTITY/PROJECT/NAME:ALIAS.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", dest="as_json", action="store_true", help="print a JSON list instead of text lines")
+
+    p = sub.add_parser("plot", help="draw a run's curves (loss, top-1/top-5, lr, images/s) into a PNG",
+                       description="Reads RUN_DIR/metrics.csv (written by every fit, with or without W&B) and "
+                                   "draws loss, top-1/top-5, learning rate and images/s against the step.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="PNG file (default RUN_DIR/metrics.png)")
     return parser
 
 
@@ -83,6 +133,36 @@ def _default_json_path(ckpt: str) -> Path:
     path = Path(ckpt).resolve()
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     return run_dir / "validate.json"
+
+
+def _model_verb(args: argparse.Namespace) -> int:
+    """export, predict and plot: plain arguments, no config."""
+    if args.verb == "export":
+        from trainer.export import export_checkpoint
+
+        meta = export_checkpoint(args.ckpt, args.out, args.fmt)
+        print(f"wrote {meta['path']} ({args.fmt}, {meta['arch']}, {meta['num_classes']} classes) "
+              f"and {meta['sidecar']}")
+        return 0
+    if args.verb == "predict":
+        from trainer.predict import find_images, format_results, predict_files
+        from trainer.pretrained import load_pretrained
+
+        if args.topk < 1 or args.batch_size < 1:
+            raise ValueError(f"--topk={args.topk} and --batch-size={args.batch_size} must be at least 1")
+        files = find_images(args.paths)
+        results = predict_files(load_pretrained(args.model), files, topk=args.topk, batch_size=args.batch_size)
+        print(json.dumps(results, indent=2) if args.as_json else format_results(results))
+        failed = [r["path"] for r in results if "error" in r]
+        if failed:
+            print(f"imagenet-trainer predict: {len(failed)} of {len(results)} files could not be read "
+                  f"(run `imagenet-trainer check-data` on their tree)", file=sys.stderr)
+        return 1 if failed else 0
+    from trainer.plot import plot_run
+
+    out, drawn = plot_run(args.run_dir, args.out)
+    print(f"wrote {out} ({', '.join(sorted(drawn))})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,16 +193,34 @@ def _dispatch(args: argparse.Namespace) -> int:
         root = make_sample_tree(args.dir, args.classes, args.train_per_class, args.val_per_class, (w, h), args.seed)
         print(f"wrote {args.classes} classes ({args.train_per_class} train, {args.val_per_class} val each) to {root}")
         return 0
+    if verb == "submit":
+        from trainer.slurm import JobSpec, submit
+
+        cfg = load_config(args.overrides)  # a bad override fails here, not after hours in the queue
+        spec = JobSpec(
+            nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+            cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition, account=args.account,
+            job_name=args.job_name or cfg.experiment or "imagenet-trainer", signal_seconds=args.signal_seconds,
+        )
+        return submit(spec, args.overrides, dry_run=args.dry_run, wait=args.wait, script_dir=Path(args.script_dir))
     if verb == "check-data":
         from data_pipelines.check import main as check_main
 
         return check_main(args.root, args.workers)
+    if verb in ("export", "predict", "plot"):
+        try:
+            return _model_verb(args)
+        except (FileNotFoundError, ValueError, RuntimeError) as err:
+            print(f"imagenet-trainer {verb}: {err}", file=sys.stderr)
+            return 2
     try:
         if verb == "fit":
             cfg = load_config(args.overrides)
             from trainer.run import fit
 
             summary = fit(cfg)
+            if summary is None:  # not rank 0
+                return 0
             print(
                 f"done: val top-1 {summary.get('val/top1', float('nan')):.4f}, "
                 f"top-5 {summary.get('val/top5', float('nan')):.4f} on {int(summary.get('val/images', 0))} images "

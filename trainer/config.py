@@ -20,6 +20,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 BACKENDS = ("auto", "dali_gpu", "dali_cpu", "torchvision", "synthetic")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclass
@@ -57,8 +58,8 @@ class OptimConfig:
 class TrainerConfig:
     max_epochs: int = 90
     accelerator: str = "auto"
-    devices: Any = "auto"  # per node: an int, or "auto"
-    num_nodes: int = 1
+    devices: Any = "auto"  # per node: an int, or "auto" (under srun: SLURM's tasks per node)
+    num_nodes: Optional[int] = None  # None: SLURM's node count under srun, else 1
     precision: str = "32-true"
     log_every_n_steps: int = 50
     check_val_every_n_epoch: int = 1
@@ -75,12 +76,31 @@ class RunConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str = "imagenet-trainer"
+    entity: Optional[str] = None  # None: the API key's default entity
+    name: Optional[str] = None  # None: run.dir's folder name
+    group: Optional[str] = None  # None: $SLURM_JOB_ID when the job runs under SLURM
+    tags: list[str] = field(default_factory=list)
+    # online | offline | disabled. online falls back to offline (said once) when no API key is
+    # configured or WANDB_MODE=offline is set; offline runs are uploaded later with `wandb sync`.
+    mode: str = "online"
+    log_model: Any = True  # checkpoints as artifacts (online only): true = best + last at the end, "all", false
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # metrics.csv in run.dir is always written too
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     experiment: Optional[str] = None  # the recipe this config was built from, for the record
 
@@ -184,6 +204,9 @@ def validate(cfg: DictConfig) -> None:
     choice("model.arch", list(ARCHS))
     choice("trainer.precision", PRECISIONS)
     choice("trainer.accelerator", ACCELERATORS)
+    choice("logger.wandb.mode", WANDB_MODES)
+    if cfg.logger.wandb.log_model not in (True, False, "all"):
+        raise ConfigError(f"logger.wandb.log_model={cfg.logger.wandb.log_model!r} must be true, false or all")
     for key in ("data.batch_size", "data.image_size", "data.val_resize", "optim.lr", "trainer.max_epochs",
                 "trainer.num_nodes", "model.num_classes", "trainer.log_every_n_steps"):
         positive(key)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import warnings
 import time
 from pathlib import Path
 
@@ -15,10 +17,12 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from data_pipelines.datamodule import ImageNetDataModule
+from trainer import slurm
 from trainer.callbacks import AtomicCheckpointIO, PlainProgress, Throughput
 from trainer.config import Config, ConfigError, require_data_root, to_dict, to_yaml, validate
 from trainer.models import build_model
@@ -81,7 +85,17 @@ def build_module(cfg: DictConfig, classes: list[str]) -> Classifier:
 
 def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Trainer:
     t = cfg.trainer
-    distributed = t.num_nodes > 1 or (isinstance(t.devices, int) and t.devices > 1)
+    alloc = slurm.allocation()
+    try:
+        devices, num_nodes = slurm.resolve_devices(t.devices, t.num_nodes, alloc)
+    except slurm.SlurmConfigError as err:
+        raise ConfigError(str(err)) from None
+    distributed = num_nodes > 1 or (isinstance(devices, int) and devices > 1)
+    plugins: list = [AtomicCheckpointIO()]
+    if alloc is not None and for_fit:
+        # SIGUSR1 (sbatch --signal=USR1@N) -> Lightning writes run_dir/hpc_ckpt_N.ckpt and
+        # requeues the job; the requeued job resumes from it (see resume_checkpoint).
+        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
     tty = sys.stdout.isatty()
     callbacks: list[pl.Callback] = []
     loggers = []
@@ -99,11 +113,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Traine
             Throughput(every=t.log_every_n_steps),
         ]
         loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
+        wandb_logger = _wandb_logger(cfg, run_dir)
+        if wandb_logger is not None:
+            loggers.append(wandb_logger)  # after the CSVLogger: trainer.log_dir stays run_dir
     callbacks.append(TQDMProgressBar() if tty else PlainProgress(every=t.log_every_n_steps))
     return pl.Trainer(
         accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
+        devices=devices,
+        num_nodes=num_nodes,
         strategy="ddp" if distributed else "auto",
         precision=t.precision,
         max_epochs=t.max_epochs,
@@ -118,10 +135,28 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Traine
         enable_progress_bar=tty,
         enable_checkpointing=for_fit,
         default_root_dir=str(run_dir),
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
         # Our loaders shard by global rank themselves (data_pipelines/sharding.py).
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
+    )
+
+
+def _wandb_logger(cfg: DictConfig, run_dir: Path):
+    """W&B beside the CSVLogger (trainer/tracking.py); None when disabled or not installed."""
+    from trainer.tracking import build_wandb_logger
+
+    w = cfg.logger.wandb
+    return build_wandb_logger(
+        run_dir=run_dir,
+        project=w.project,
+        entity=w.entity,
+        name=w.name,
+        group=w.group,
+        tags=list(w.tags),
+        mode=w.mode,
+        log_model=w.log_model,
+        config=to_dict(cfg),
     )
 
 
@@ -137,24 +172,43 @@ def _metrics(trainer: pl.Trainer) -> dict:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
 
-def fit(cfg: DictConfig) -> dict:
-    """Train as configured; returns (and writes to ``run.dir/summary.json``) the summary."""
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint a fit in ``run_dir`` resumes from: the newer of ``checkpoints/last.ckpt``
+    (end of each epoch) and Lightning's newest ``hpc_ckpt_N.ckpt`` (written on SLURM's USR1,
+    mid-epoch). Both are written atomically, so neither can be a half-written file."""
+    candidates = [run_dir / "checkpoints" / "last.ckpt"]
+    hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    candidates += hpc[-1:]
+    existing = [p for p in candidates if p.is_file()]
+    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+
+
+def fit(cfg: DictConfig) -> dict | None:
+    """Train as configured; writes ``run.dir/summary.json`` and returns the summary on rank 0
+    (None on the other ranks)."""
     t0 = time.time()
     run_dir = Path(cfg.run.dir)
     last = run_dir / "checkpoints" / "last.ckpt"
-    if last.exists() and not cfg.run.resume:
+    resume_from = resume_checkpoint(run_dir)
+    if resume_from is not None and not cfg.run.resume:
         raise ConfigError(
-            f"{last} exists and run.resume=false: choose another run.dir, or resume with run.resume=true"
+            f"{resume_from} exists and run.resume=false: choose another run.dir, or resume with run.resume=true"
         )
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg)
     module = build_module(cfg, dm.classes)
     trainer = build_trainer(cfg, run_dir, for_fit=True)
     _write_text(run_dir / "config.yaml", to_yaml(cfg))
-    ckpt_path = str(last) if last.exists() else None
+    ckpt_path = str(resume_from) if resume_from else None
     if ckpt_path:
         log.info("resuming from %s (set run.resume=false or another run.dir to start afresh)", ckpt_path)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    with warnings.catch_warnings():
+        # Our DataModule restores the data position itself (ImageNetDataModule.state_dict), which
+        # Lightning's check for a stateful DataLoader does not see.
+        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+        # Epoch means of train metrics are per rank on purpose: syncing them costs an all-reduce.
+        warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     metrics = _metrics(trainer)
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_path if ckpt_cb is not None else ""
@@ -173,7 +227,7 @@ def fit(cfg: DictConfig) -> dict:
         "wall_time_s": round(time.time() - t0, 2),
     }
     _write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+    return summary if trainer.is_global_zero else None
 
 
 def load_checkpoint_config(ckpt_path: str | Path, overrides: list[str]) -> tuple[DictConfig, dict]:
