@@ -1,0 +1,134 @@
+"""imagenet-trainer on a real two-node SLURM cluster: submit, sbatch, requeue/resume, bad configs."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slurm
+REPO = Path(__file__).resolve().parents[2]
+CPU_JOB = ["--gpus-per-node", "0", "--cpus-per-task", "2", "--time", "00:10:00", "--partition", "debug"]
+
+
+def _submit(cluster, workdir: Path, *args: str, timeout: float = 400) -> tuple[subprocess.CompletedProcess, int]:
+    proc = subprocess.run([sys.executable, "-m", "trainer", "submit", *args], cwd=workdir, env=cluster.env,
+                          capture_output=True, text=True, timeout=timeout)
+    m = re.search(r"submitted job (\d+)", proc.stdout)
+    assert m, f"no job id: {proc.stdout}\n{proc.stderr}"
+    return proc, int(m.group(1))
+
+
+def _logs(workdir: Path, job_id: int) -> str:
+    return "".join(p.read_text() for p in sorted(workdir.glob(f"slurm-*-{job_id}.*")))
+
+
+@pytest.mark.parametrize("nodes, tasks", [(1, 2), (2, 1)], ids=["1node-x2tasks", "2nodes-x1task"])
+def test_submit_trains_with_every_rank_and_validates_exactly(slurm_cluster, tiny_root, tmp_path, nodes, tasks):
+    run_dir = tmp_path / "run"
+    proc, job_id = _submit(slurm_cluster, tmp_path, "--wait", "--nodes", str(nodes), "--tasks-per-node", str(tasks),
+                           *CPU_JOB, "experiment=smoke", f"data.root={tiny_root}", "data.batch_size=6",
+                           f"run.dir={run_dir}")
+    logs = _logs(tmp_path, job_id)
+    assert proc.returncode == 0, logs[-4000:]
+    job = slurm_cluster.show_job(job_id)
+    assert job["JobState"] == "COMPLETED"
+    assert job["NumNodes"] == str(nodes)
+    # Both ranks joined the process group (Lightning prints one line per rank).
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in logs and "GLOBAL_RANK: 1, MEMBER: 2/2" in logs
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["val/images"] == 20  # 4 classes x 5, each counted once over both ranks
+    assert summary["global_step"] == 64 // (2 * 6)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    single = run_cli("validate", summary["best_ckpt"], "--json", str(tmp_path / "v.json"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    result = json.loads((tmp_path / "v.json").read_text())
+    assert result["images"] == 20 and result["top1"] == pytest.approx(summary["val/top1"], abs=1e-6)
+
+
+def test_plain_sbatch_of_the_shipped_script_works(slurm_cluster, tiny_root, tmp_path):
+    """`sbatch slurm/train.sbatch OVERRIDES` as the README shows, with the (fake) GPUs of the
+    test nodes allocated: SLURM sets CUDA_VISIBLE_DEVICES, the job trains on the CPU."""
+    run_dir = tmp_path / "run"
+    env = {**slurm_cluster.env, "IMAGENET_TRAINER_PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--wait", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2",
+         "--cpus-per-task=2", "--time=00:10:00", str(REPO / "slurm" / "train.sbatch"),
+         "trainer.accelerator=cpu", "experiment=smoke", f"data.root={tiny_root}", "data.batch_size=6",
+         f"run.dir={run_dir}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    job_id = int(proc.stdout.strip().split(";")[0])
+    assert proc.returncode == 0, _logs(tmp_path, job_id)[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["val/images"] == 20
+
+
+def test_devices_contradicting_the_allocation_fails_at_once_naming_both(slurm_cluster, tiny_root, tmp_path):
+    t0 = time.time()
+    proc, job_id = _submit(slurm_cluster, tmp_path, "--wait", "--nodes", "1", "--tasks-per-node", "2", *CPU_JOB,
+                           "experiment=smoke", f"data.root={tiny_root}", "trainer.devices=1",
+                           f"run.dir={tmp_path / 'run'}")
+    assert proc.returncode != 0
+    logs = _logs(tmp_path, job_id)
+    assert "trainer.devices=1" in logs and "2 task(s) per node" in logs
+    assert time.time() - t0 < 120  # a clear failure, not a DDP rendezvous hang
+    assert slurm_cluster.show_job(job_id)["JobState"] == "FAILED"
+
+
+def test_submit_dry_run_quotes_every_value(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "submit", "--dry-run", "--job-name", "x;$(touch pwned)", "--nodes", "2",
+         "--gpus-per-node", "0", "data.root=/d; rm -rf /", "run.dir=$(touch pwned2)"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout
+    assert "#SBATCH --job-name='x;$(touch pwned)'" in script
+    assert "#SBATCH --nodes=2" in script and "--gpus-per-node" not in script.split("set -euo")[0].split("#SBATCH --job")[1]
+    assert "set -- trainer.accelerator=cpu 'data.root=/d; rm -rf /' 'run.dir=$(touch pwned2)' \"$@\"" in script
+    # Run the rendered argument line through bash: the values come out as text, nothing runs.
+    line = next(l for l in script.splitlines() if l.startswith("set -- "))
+    out = subprocess.run(["bash", "-c", f'{line}\nprintf "%s\\n" "$@"'], cwd=tmp_path, capture_output=True, text=True)
+    assert out.stdout.splitlines() == ["trainer.accelerator=cpu", "data.root=/d; rm -rf /", "run.dir=$(touch pwned2)"]
+    assert not list(tmp_path.glob("pwned*"))
+
+
+def test_usr1_checkpoints_requeues_and_resumes_at_the_same_step(slurm_cluster, tiny_root, tmp_path):
+    run_dir = tmp_path / "run"
+    epochs, steps = 20, 64 // (2 * 4)
+    # ResNet-18 at 64 px: slow enough on the CPU that the signal lands mid-run.
+    proc, job_id = _submit(slurm_cluster, tmp_path, "--nodes", "1", "--tasks-per-node", "2", *CPU_JOB,
+                           "experiment=smoke", f"data.root={tiny_root}", "data.batch_size=4", "model.arch=resnet18",
+                           "data.image_size=64", "data.val_resize=72", f"trainer.max_epochs={epochs}",
+                           "trainer.log_every_n_steps=2", f"run.dir={run_dir}")
+    assert proc.returncode == 0
+    deadline = time.time() + 240
+    while f"epoch 2/{epochs} step 4/" not in _logs(tmp_path, job_id):
+        assert time.time() < deadline, _logs(tmp_path, job_id)[-4000:]
+        assert slurm_cluster.show_job(job_id)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING")
+        time.sleep(0.2)
+    # What SLURM does --signal=USR1@N seconds before the time limit: signal the job steps.
+    slurm_cluster.run("scancel", "--signal=USR1", str(job_id))
+    job = slurm_cluster.wait_for_job(job_id, timeout=400)
+    logs = _logs(tmp_path, job_id)
+    assert job["JobState"] == "COMPLETED", logs[-4000:]
+    assert job["Restarts"] == "1"
+    assert "Handling auto-requeue signal" in logs and "(restart 1)" in logs
+
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    assert f"resuming from {hpc}" in logs
+    ckpt = torch.load(hpc, map_location="cpu", weights_only=True)
+    position = ckpt["ImageNetDataModule"]
+    assert position["epoch"] == 1 and 4 <= position["batches_done"] <= steps
+    assert ckpt["global_step"] == steps + position["batches_done"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # The resumed job continued the step count: no step repeated, none skipped.
+    assert summary["global_step"] == epochs * steps and summary["epochs"] == epochs
+    assert not list(run_dir.rglob(".*.tmp"))  # no half-written checkpoint left behind
