@@ -1,0 +1,277 @@
+"""The DALI loader on the CPU, with real DALI: sharding, resume, determinism, bad files.
+
+Each image's label is its index in the file list, so the labels a loader yields say exactly which
+images it fed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_pipelines import sharding
+from data_pipelines.dali import DALILoader, dali_available
+
+pytestmark = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
+
+NUM_IMAGES = 37  # uneven: leaves a remainder for every world size and batch size used here
+BATCH = 3
+SIZE = 32
+
+
+def _photo(rng: np.random.Generator, w: int = 48, h: int = 40) -> Image.Image:
+    """A small photo-like image: a smooth colour gradient plus noise."""
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (w + h)], axis=-1)
+    base += rng.normal(0, 20, base.shape) + rng.uniform(-60, 60, 3)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("dali")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(NUM_IMAGES):
+        path = root / f"{i:03d}.JPEG"
+        _photo(rng).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def _loader(files, **kw) -> DALILoader:
+    args = dict(
+        labels=list(range(len(files))),
+        batch_size=BATCH,
+        image_size=SIZE,
+        val_resize=36,
+        seed=7,
+        device="cpu",
+        device_id=None,
+        num_threads=1,
+    )
+    args.update(kw)
+    return DALILoader(files, args.pop("labels"), **args)
+
+
+def _labels(loader) -> list[list[int]]:
+    return [y.tolist() for _, y in loader]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_train_shards_are_disjoint_equal_and_follow_sharding(files, world_size):
+    fed = []
+    for rank in range(world_size):
+        loader = _loader(files, train=True, shard_id=rank, num_shards=world_size)
+        batches = _labels(loader)
+        assert len(batches) == len(loader) == sharding.steps_per_epoch(NUM_IMAGES, world_size, BATCH)
+        assert all(len(b) == BATCH for b in batches)
+        flat = [i for b in batches for i in b]
+        expected = sharding.train_indices(
+            NUM_IMAGES, epoch=0, seed=7, shard_id=rank, num_shards=world_size, batch_size=BATCH
+        )
+        assert flat == expected.tolist()
+        fed.append(flat)
+    assert len({len(f) for f in fed}) == 1  # equal step counts: DDP would deadlock otherwise
+    everything = [i for f in fed for i in f]
+    assert len(everything) == len(set(everything))  # disjoint within the epoch
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_val_shards_cover_every_image_exactly_once(files, world_size):
+    seen = []
+    for rank in range(world_size):
+        loader = _loader(files, train=False, shard_id=rank, num_shards=world_size)
+        batches = _labels(loader)
+        assert len(batches) == len(loader)
+        assert all(len(b) == BATCH for b in batches[:-1]) and 1 <= len(batches[-1]) <= BATCH
+        flat = [i for b in batches for i in b]
+        assert flat == list(sharding.val_indices(NUM_IMAGES, shard_id=rank, num_shards=world_size))
+        seen += flat
+    assert sorted(seen) == list(range(NUM_IMAGES))  # no padded duplicates, nothing missing
+
+
+def test_val_rank_without_images_yields_nothing(files):
+    loader = _loader(files[:3], train=False, shard_id=0, num_shards=4)  # 3 images on 4 ranks
+    assert len(loader) == 0 and _labels(loader) == []
+
+
+@pytest.mark.parametrize(
+    "dtype, torch_dtype",
+    [("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)],
+)
+def test_batch_shapes_and_types(files, dtype, torch_dtype):
+    for train in (True, False):
+        images, labels = next(iter(_loader(files, train=train, dtype=dtype)))
+        assert images.shape == (BATCH, 3, SIZE, SIZE) and images.dtype == torch_dtype
+        assert images.device.type == "cpu"
+        assert labels.shape == (BATCH,) and labels.dtype == torch.int64
+        values = images.float()
+        assert torch.isfinite(values).all()
+        # normalised with ImageNet mean/std: roughly centred, within the reachable range
+        assert -2.2 <= values.min() and values.max() <= 2.7 and abs(values.mean()) < 1.5
+
+
+def test_reiterable_with_a_new_order_each_epoch(files):
+    loader = _loader(files, train=True, shard_id=1, num_shards=2)
+    epochs = []
+    for epoch in range(3):
+        assert loader.state_dict() == {"epoch": epoch, "step": 0}
+        batches = _labels(loader)
+        assert len(batches) == len(loader)
+        epochs.append([i for b in batches for i in b])
+        expected = sharding.train_indices(
+            NUM_IMAGES, epoch=epoch, seed=7, shard_id=1, num_shards=2, batch_size=BATCH
+        )
+        assert epochs[-1] == expected.tolist()
+    assert epochs[0] != epochs[1] != epochs[2]
+    loader.set_epoch(1)  # replays an epoch exactly
+    assert [i for b in _labels(loader) for i in b] == epochs[1]
+
+
+def test_same_seed_same_sequence_different_seed_different_order(files):
+    a = [(x.clone(), y.clone()) for x, y in _loader(files, train=True)]
+    b = [(x.clone(), y.clone()) for x, y in _loader(files, train=True)]
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    c = [y.tolist() for _, y in _loader(files, train=True, seed=8)]
+    assert c != [y.tolist() for _, y in a]
+
+
+def test_resume_feeds_exactly_the_remaining_batches(files):
+    full = _labels(_loader(files, train=True, shard_id=0, num_shards=2))
+    assert len(full) >= 4
+
+    first = _loader(files, train=True, shard_id=0, num_shards=2)
+    fed = []
+    for _, labels in first:
+        fed.append(labels.tolist())
+        if len(fed) == 2:
+            break  # the job is pre-empted after two steps
+    state = first.state_dict()
+    assert state == {"epoch": 0, "step": 2}
+
+    resumed = _loader(files, train=True, shard_id=0, num_shards=2)
+    resumed.load_state_dict(state)
+    rest = _labels(resumed)
+    assert fed + rest == full
+    assert resumed.state_dict() == {"epoch": 1, "step": 0}
+    next_epoch = [i for b in _labels(resumed) for i in b]
+    expected = sharding.train_indices(NUM_IMAGES, epoch=1, seed=7, shard_id=0, num_shards=2, batch_size=BATCH)
+    assert next_epoch == expected.tolist()
+
+
+def test_state_is_the_next_epoch_after_its_last_batch(files):
+    loader = _loader(files, train=True)
+    for step, _ in enumerate(loader, start=1):
+        if step < len(loader):
+            assert loader.state_dict() == {"epoch": 0, "step": step}
+    # Lightning stops after len() batches without asking for one more: the position must already
+    # be the next epoch when the last batch is handed out.
+    assert loader.state_dict() == {"epoch": 1, "step": 0}
+
+
+def test_train_loader_rejects_a_shard_smaller_than_a_batch(files):
+    with pytest.raises(ValueError, match="batch_size"):
+        _loader(files[:5], train=True, num_shards=2, batch_size=3)
+
+
+@pytest.mark.parametrize("bad", ["truncated", "text"])
+def test_bad_file_stops_with_its_path(tmp_path, files, bad):
+    path = tmp_path / f"{bad}.JPEG"
+    if bad == "truncated":
+        data = open(files[0], "rb").read()
+        path.write_bytes(data[: len(data) // 2])
+    else:  # DALI's own message does not name this one; the loader finds it by decoding again
+        path.write_text("this is not a JPEG\n")
+    listed = files[:20] + [str(path)] + files[20:]
+    loader = _loader(listed, train=False)
+    with pytest.raises(RuntimeError) as info:
+        for _ in loader:
+            pass
+    message = str(info.value)
+    assert str(path) in message
+    assert "check-data" in message
+    # no other file is blamed
+    assert not any(f in message for f in files)
+
+
+
+def _lightning(files):
+    """A LightningModule that records the labels it trains on, and a DataModule feeding it."""
+    pl = pytest.importorskip("pytorch_lightning")
+
+    class Model(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 2)
+            self.seen: list[list[int]] = []
+
+        def training_step(self, batch, _):
+            images, labels = batch
+            self.seen.append(labels.tolist())
+            return self.layer(images.mean((2, 3))).sum()
+
+        def validation_step(self, batch, _):
+            pass
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self):
+            return _loader(files, train=True, image_size=16, val_resize=16)
+
+        def val_dataloader(self):
+            return _loader(files, train=False, image_size=16, val_resize=16)
+
+    options = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    return pl, Model, Data, options
+
+
+@pytest.mark.parametrize("stop_at", [3, 12])  # mid-epoch 0; 12 steps = one full epoch (12 x 3 = 36)
+def test_lightning_resume_from_a_checkpoint_feeds_the_uninterrupted_sequence(files, tmp_path, stop_at):
+    """Lightning saves the loader's state_dict in the checkpoint and restores it: a run pre-empted
+    after ``stop_at`` steps and resumed trains on exactly the batches of an uninterrupted run."""
+    pl, Model, Data, options = _lightning(files)
+    options.update(max_epochs=2, num_sanity_val_steps=0, limit_val_batches=0)
+
+    class Preempt(pl.Callback):
+        def on_train_batch_end(self, trainer, *_):
+            if trainer.global_step == stop_at:
+                trainer.save_checkpoint(tmp_path / "preempted.ckpt")  # as on SIGUSR1
+                trainer.should_stop = True
+
+    full = Model()
+    pl.Trainer(**options).fit(full, Data())
+    steps = len(_loader(files, train=True))
+    assert len(full.seen) == 2 * steps
+
+    first = Model()
+    pl.Trainer(callbacks=[Preempt()], **options).fit(first, Data())
+    saved = torch.load(tmp_path / "preempted.ckpt", weights_only=False)
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": stop_at // steps, "step": stop_at % steps}
+    ]
+    second = Model()
+    pl.Trainer(**options).fit(second, Data(), ckpt_path=tmp_path / "preempted.ckpt")
+    assert first.seen + second.seen == full.seen
+
+
+def test_lightning_epochs_cut_short_still_follow_sharding(files):
+    """With limit_train_batches an epoch ends early; Lightning's set_epoch keeps the loader on
+    Lightning's epoch instead of continuing the unfinished one."""
+    pl, Model, Data, options = _lightning(files)
+    model = Model()
+    pl.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=1, **options).fit(model, Data())
+    expected = [
+        b.tolist()
+        for epoch in range(3)
+        for b in sharding.train_indices(
+            NUM_IMAGES, epoch=epoch, seed=7, shard_id=0, num_shards=1, batch_size=BATCH
+        ).reshape(-1, BATCH)[:2]
+    ]
+    assert model.seen == expected
