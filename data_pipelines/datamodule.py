@@ -5,6 +5,11 @@
 or ``auto``: dali_gpu when training on a GPU with DALI installed, dali_cpu when DALI is installed
 but there is no GPU, torchvision when DALI cannot be imported.
 
+The training position survives a resume: the torchvision loader through this module's
+``state_dict`` (epoch, batches done), the DALI loader through its own ``state_dict``, which
+Lightning saves with the fit loop. Either way a resumed epoch feeds exactly the images that the
+interrupted one had not fed.
+
 Loaders are built in the ``*_dataloader`` hooks, where the trainer knows the global rank and world
 size (DALI pipelines cannot be pickled to other processes anyway). Shard = global rank, never the
 local rank: on 4 nodes the local rank would make each node read the same quarter of the data.
@@ -30,6 +35,10 @@ def dali_importable() -> bool:
     return True
 
 
+class BackendError(ValueError):
+    """The requested backend cannot run here; the message says what to use instead."""
+
+
 def resolve_backend(backend: str, on_gpu: bool) -> str:
     """The concrete backend for ``backend`` (which may be ``auto``); fails early on impossible ones."""
     if backend == "auto":
@@ -37,12 +46,12 @@ def resolve_backend(backend: str, on_gpu: bool) -> str:
             return "dali_gpu" if on_gpu else "dali_cpu"
         return "torchvision"
     if backend.startswith("dali") and not dali_importable():
-        raise RuntimeError(
+        raise BackendError(
             f"data.backend={backend} needs NVIDIA DALI, which cannot be imported here: "
             f"pip install 'imagenet-trainer[dali]', or use data.backend=torchvision"
         )
     if backend == "dali_gpu" and not on_gpu:
-        raise RuntimeError(
+        raise BackendError(
             "data.backend=dali_gpu needs a CUDA GPU and trainer.accelerator=gpu (or auto with a GPU); "
             "none is in use here: use data.backend=dali_cpu or auto"
         )
@@ -64,6 +73,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         filelist_cache: bool = True,
         synthetic_size: int = 1281167,
         num_classes: int | None = None,
+        gpu_dtype: str = "float32",
     ) -> None:
         super().__init__()
         self.root = root
@@ -78,6 +88,9 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.filelist_cache = filelist_cache
         self.synthetic_size = synthetic_size
         self._num_classes = num_classes
+        # What dali_gpu emits: the dtype the model computes in (bf16/fp16 under mixed precision),
+        # so no cast runs on the step's critical path. DALI on the CPU stays float32 (faster there).
+        self.gpu_dtype = gpu_dtype
         self._resume: dict | None = None  # data position restored from a checkpoint
         if self.backend != "synthetic" and not root:
             raise ValueError("data.root is not set: pass data.root=/path/to/imagenet")
@@ -185,4 +198,5 @@ class ImageNetDataModule(pl.LightningDataModule):
             split.files, split.labels, train=train, batch_size=self.batch_size, image_size=self.image_size,
             val_resize=self.val_resize, shard_id=rank, num_shards=world, seed=self.seed,
             device="gpu" if on_gpu else "cpu", device_id=device_id, num_threads=max(1, self.num_workers),
+            dtype=self.gpu_dtype if on_gpu else "float32",
         )

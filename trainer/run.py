@@ -51,6 +51,8 @@ def build_datamodule(cfg: DictConfig) -> ImageNetDataModule:
         filelist_cache=d.filelist_cache,
         synthetic_size=d.synthetic_size,
         num_classes=cfg.model.num_classes,
+        gpu_dtype={"bf16-mixed": "bfloat16", "bf16-true": "bfloat16", "16-mixed": "float16"}.get(
+            cfg.trainer.precision, "float32"),
     )
 
 
