@@ -126,6 +126,14 @@ def _parser() -> argparse.ArgumentParser:
                                    "draws loss, top-1/top-5, learning rate and images/s against the step.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", default=None, help="PNG file (default RUN_DIR/metrics.png)")
+
+    from trainer.study import STUDY_EPILOG, add_arguments as add_study_arguments
+
+    p = sub.add_parser("study", help="train plain and residual nets alike and plot their errors (He et al. 2015)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=STUDY_EPILOG,
+                       description="The degradation study: plain and residual nets of two depths trained with one "
+                                   "recipe, seed and data; their training and validation error curves in one figure.")
+    add_study_arguments(p)
     return parser
 
 
@@ -203,6 +211,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             job_name=args.job_name or cfg.experiment or "imagenet-trainer", signal_seconds=args.signal_seconds,
         )
         return submit(spec, args.overrides, dry_run=args.dry_run, wait=args.wait, script_dir=Path(args.script_dir))
+    if verb == "study":
+        from trainer.study import main as study_main
+
+        return study_main(args)
     if verb == "check-data":
         from data_pipelines.check import main as check_main
 

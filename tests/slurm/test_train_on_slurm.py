@@ -102,7 +102,7 @@ def test_submit_dry_run_quotes_every_value(tmp_path):
 
 def test_usr1_checkpoints_requeues_and_resumes_at_the_same_step(slurm_cluster, tiny_root, tmp_path):
     run_dir = tmp_path / "run"
-    epochs, steps = 20, 64 // (2 * 4)
+    epochs, steps = 6, 64 // (2 * 4)
     # ResNet-18 at 64 px: slow enough on the CPU that the signal lands mid-run.
     proc, job_id = _submit(slurm_cluster, tmp_path, "--nodes", "1", "--tasks-per-node", "2", *CPU_JOB,
                            "experiment=smoke", f"data.root={tiny_root}", "data.batch_size=4", "model.arch=resnet18",
