@@ -24,6 +24,10 @@ Writes RUN_DIR/config.yaml (the resolved config), RUN_DIR/checkpoints/last.ckpt 
 RUN_DIR/checkpoints/best-epochNNN.ckpt (best val top-1), RUN_DIR/metrics.csv and, at the end,
 RUN_DIR/summary.json. RUN_DIR is run.dir (default runs/<model.arch>).
 
+W&B (logger.wandb.*): one run per job, id kept in RUN_DIR/wandb_run_id so that a resumed job
+continues it; offline (RUN_DIR/wandb/offline-run-*, upload with `wandb sync`) when no API key is
+set; logger.wandb.mode=disabled turns it off. `imagenet-trainer plot RUN_DIR` draws metrics.csv.
+
 Resuming: running fit again with the same run.dir continues from checkpoints/last.ckpt (same
 global step, optimiser and schedule state). Pass run.resume=false to refuse that instead, or a
 new run.dir to start afresh.
