@@ -78,6 +78,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         super().__init__()
         self.root = root
         self.backend = resolve_backend(backend, on_gpu)
+        self.on_gpu = on_gpu
         if backend == "auto":
             log.info("data.backend=auto chose %s", self.backend)
         self.batch_size = batch_size
@@ -185,6 +186,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         return SyntheticLoader(
             num_batches=num_batches, batch_size=self.batch_size, image_size=self.image_size,
             num_classes=len(self.classes), seed=self.seed,
+            device=self.trainer.strategy.root_device if (self.on_gpu and self.trainer is not None) else "cpu",
         )
 
     def _dali(self, split: layout.Split, *, train: bool, rank: int, world: int):

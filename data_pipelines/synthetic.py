@@ -7,10 +7,15 @@ import torch
 class SyntheticLoader:
     """``num_batches`` batches of one fixed random batch (generated once: no data cost)."""
 
-    def __init__(self, *, num_batches: int, batch_size: int, image_size: int, num_classes: int, seed: int) -> None:
+    def __init__(
+        self, *, num_batches: int, batch_size: int, image_size: int, num_classes: int, seed: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
         gen = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
-        self.labels = torch.randint(0, num_classes, (batch_size,), generator=gen, dtype=torch.int64)
+        # Made on the training device once: a host-to-device copy of the batch every step would
+        # time the copy (and block the host), not the model.
+        self.images = torch.randn(batch_size, 3, image_size, image_size, generator=gen).to(device)
+        self.labels = torch.randint(0, num_classes, (batch_size,), generator=gen, dtype=torch.int64).to(device)
         self.num_batches = num_batches
 
     def __len__(self) -> int:

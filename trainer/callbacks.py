@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 
@@ -51,20 +53,34 @@ class Throughput(pl.Callback):
         if self.steps >= self.every:
             elapsed = max(now - self.window_start, 1e-9)
             per_device = self.images / elapsed
-            pl_module.log_dict(
-                {
-                    "perf/images_per_sec": per_device,
-                    "perf/images_per_sec_total": per_device * trainer.world_size,
-                    "perf/data_wait_frac": min(1.0, self.wait / elapsed),
-                },
-                on_step=True,
-                on_epoch=False,
-            )
+            values = {
+                "perf/images_per_sec": per_device,
+                "perf/images_per_sec_total": per_device * trainer.world_size,
+                "perf/data_wait_frac": min(1.0, self.wait / elapsed),
+            }
+            # CPU tensors: Lightning would copy python floats to the GPU, blocking the host each time.
+            pl_module.log_dict({k: torch.tensor(v) for k, v in values.items()}, on_step=True, on_epoch=False)
             self._reset(now)
             self.last_end = now
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         pl_module.log("perf/epoch_time_s", time.perf_counter() - self.epoch_start, on_step=False, on_epoch=True)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's terminal bar, showing the last training loss too.
+
+    The module logs the loss without ``prog_bar=True``: Lightning reads ``prog_bar`` step values
+    back to the host after every step (a GPU sync). The bar reads it only when it redraws, every
+    ``refresh_rate`` steps.
+    """
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss_step")
+        if loss is not None:
+            items["loss"] = f"{float(loss):.4g}"
+        return items
 
 
 class PlainProgress(pl.Callback):

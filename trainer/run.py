@@ -16,14 +16,14 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from data_pipelines.datamodule import ImageNetDataModule
 from trainer import slurm
-from trainer.callbacks import AtomicCheckpointIO, PlainProgress, Throughput
+from trainer.callbacks import AtomicCheckpointIO, PlainProgress, ProgressBar, Throughput
 from trainer.config import Config, ConfigError, require_data_root, to_dict, to_yaml, validate
 from trainer.models import build_model
 from trainer.module import Classifier
@@ -34,6 +34,26 @@ log = logging.getLogger("imagenet_trainer")
 def wants_gpu(cfg: DictConfig) -> bool:
     accel = cfg.trainer.accelerator
     return accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
+
+
+def input_dtype(precision: str) -> str:
+    """The image dtype the model consumes under ``trainer.precision``, for the data pipeline to emit
+    (DALILoader's ``dtype``): half-precision runs need no float32 batch and no cast of it."""
+    if precision.startswith("bf16"):
+        return "bfloat16"
+    if precision.startswith("16"):
+        return "float16"
+    return "float32"
+
+
+def use_fast_gpu_math(deterministic: bool) -> None:
+    """cuDNN picks the fastest conv algorithm for each shape (it times them once; shapes are fixed
+    here), and float32 matmuls may use TF32 tensor cores, as cuDNN's convs already do by default.
+    Both are off in deterministic runs."""
+    if deterministic:
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
 
 
 def build_datamodule(cfg: DictConfig) -> ImageNetDataModule:
@@ -51,8 +71,7 @@ def build_datamodule(cfg: DictConfig) -> ImageNetDataModule:
         filelist_cache=d.filelist_cache,
         synthetic_size=d.synthetic_size,
         num_classes=cfg.model.num_classes,
-        gpu_dtype={"bf16-mixed": "bfloat16", "bf16-true": "bfloat16", "16-mixed": "float16"}.get(
-            cfg.trainer.precision, "float32"),
+        gpu_dtype=input_dtype(cfg.trainer.precision),
     )
 
 
@@ -93,6 +112,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Traine
     except slurm.SlurmConfigError as err:
         raise ConfigError(str(err)) from None
     distributed = num_nodes > 1 or (isinstance(devices, int) and devices > 1)
+    on_gpu = wants_gpu(cfg)
+    if on_gpu:
+        use_fast_gpu_math(t.deterministic)
     plugins: list = [AtomicCheckpointIO()]
     if alloc is not None and for_fit:
         # SIGUSR1 (sbatch --signal=USR1@N) -> Lightning writes run_dir/hpc_ckpt_N.ckpt and
@@ -118,7 +140,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Traine
         wandb_logger = _wandb_logger(cfg, run_dir)
         if wandb_logger is not None:
             loggers.append(wandb_logger)  # after the CSVLogger: trainer.log_dir stays run_dir
-    callbacks.append(TQDMProgressBar() if tty else PlainProgress(every=t.log_every_n_steps))
+    # Each redraw of the bar reads the loss back to the host (a GPU sync): not every step there.
+    bar_every = min(10, t.log_every_n_steps) if on_gpu else 1
+    callbacks.append(ProgressBar(refresh_rate=bar_every) if tty else PlainProgress(every=t.log_every_n_steps))
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=devices,
