@@ -83,16 +83,10 @@ def _parser() -> argparse.ArgumentParser:
                                    "devices per node come from the allocation.",
                        epilog="Example:\n  imagenet-trainer submit --nodes 2 --gpus-per-node 8 --time 48:00:00 \\\n"
                               "      experiment=rn50_90ep data.root=/datasets/imagenet")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8, help="0 makes a CPU job (gloo)")
-    p.add_argument("--tasks-per-node", type=int, default=None, help="default: one per GPU (1 for CPU jobs)")
-    p.add_argument("--cpus-per-task", type=int, default=None)
-    p.add_argument("--time", default=None, help="HH:MM:SS or D-HH:MM:SS")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--account", default=None)
+    from trainer.slurm import add_job_arguments
+
+    add_job_arguments(p)
     p.add_argument("--job-name", default=None, help="default: experiment name, else imagenet-trainer")
-    p.add_argument("--signal-seconds", type=int, default=None,
-                   help="send USR1 this many seconds before the time limit (checkpoint + requeue); default 180")
     p.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     p.add_argument("--wait", action="store_true", help="wait for the job; exit with its exit code")
     p.add_argument("--script-dir", default="runs/sbatch", help="where rendered scripts are kept (default runs/sbatch)")
@@ -206,14 +200,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {args.classes} classes ({args.train_per_class} train, {args.val_per_class} val each) to {root}")
         return 0
     if verb == "submit":
-        from trainer.slurm import JobSpec, submit
+        from trainer.slurm import job_spec, submit
 
         cfg = load_config(args.overrides)  # a bad override fails here, not after hours in the queue
-        spec = JobSpec(
-            nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
-            cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition, account=args.account,
-            job_name=args.job_name or cfg.experiment or "imagenet-trainer", signal_seconds=args.signal_seconds,
-        )
+        spec = job_spec(args, args.job_name or cfg.experiment or "imagenet-trainer")
         return submit(spec, args.overrides, dry_run=args.dry_run, wait=args.wait, script_dir=Path(args.script_dir))
     if verb == "study":
         from trainer.study import main as study_main

@@ -119,6 +119,28 @@ class JobSpec:
         return opts
 
 
+def add_job_arguments(parser, *, many: bool = False) -> None:
+    """The SLURM flags of ``submit`` (and of ``study --submit``, ``many`` jobs at once)."""
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="0 makes CPU jobs (gloo)" if many else "0 makes a CPU job (gloo)")
+    parser.add_argument("--tasks-per-node", type=int, default=None, help="default: one per GPU (1 for CPU jobs)")
+    parser.add_argument("--cpus-per-task", type=int, default=None)
+    parser.add_argument("--time", default=None, help="HH:MM:SS or D-HH:MM:SS")
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--account", default=None)
+    parser.add_argument("--signal-seconds", type=int, default=None,
+                        help="send USR1 this many seconds before the time limit (checkpoint + requeue); default 180")
+
+
+def job_spec(args, job_name: str) -> JobSpec:
+    """A JobSpec from the flags ``add_job_arguments`` defined."""
+    return JobSpec(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition, account=args.account,
+        job_name=job_name, signal_seconds=args.signal_seconds,
+    )
+
+
 _SBATCH_LINE = re.compile(r"^#SBATCH --([a-z-]+)=(.*)$")
 
 

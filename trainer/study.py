@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.slurm import add_job_arguments
+
 # Study name -> {recipe: default architectures}. The first recipe is the default one.
 STUDIES: dict[str, dict[str, tuple[str, ...]]] = {
     "degradation": {
@@ -418,7 +420,7 @@ def run_submit(name: str, overrides: list[str], archs: tuple[str, ...], study_di
                args: argparse.Namespace) -> int:
     """One SLURM job per net (trainer/slurm.py), each training into ``study_dir/<arch>``."""
     from trainer.config import load_config
-    from trainer.slurm import JobSpec, submit
+    from trainer.slurm import job_spec, submit
 
     for arch in archs:
         cfg = load_config(arch_overrides(overrides, arch, study_dir))  # a bad override fails before sbatch
@@ -430,11 +432,7 @@ def run_submit(name: str, overrides: list[str], archs: tuple[str, ...], study_di
               file=sys.stderr)
 
     def one(arch: str) -> int:
-        spec = JobSpec(
-            nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
-            cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition, account=args.account,
-            job_name=f"{name}-{arch}", signal_seconds=args.signal_seconds,
-        )
+        spec = job_spec(args, f"{name}-{arch}")
         # Each job's script is kept in its own folder: submit() names it by this process's id.
         script_dir = Path(args.script_dir) / arch if args.script_dir else study_dir / arch
         return submit(spec, arch_overrides(overrides, arch, study_dir), dry_run=args.dry_run, wait=args.wait,
@@ -503,15 +501,7 @@ def _add_study_arguments(p: argparse.ArgumentParser) -> None:
                    help="train nothing: draw study.png and study.md from the runs under RUN_DIR/<arch>/")
     p.add_argument("--submit", action="store_true", help="one SLURM job per net instead of training here")
     slurm = p.add_argument_group("SLURM (with --submit; as `imagenet-trainer submit`)")
-    slurm.add_argument("--nodes", type=int, default=1)
-    slurm.add_argument("--gpus-per-node", type=int, default=8, help="0 makes CPU jobs")
-    slurm.add_argument("--tasks-per-node", type=int, default=None, help="default: one per GPU (1 for CPU jobs)")
-    slurm.add_argument("--cpus-per-task", type=int, default=None)
-    slurm.add_argument("--time", default=None, help="HH:MM:SS or D-HH:MM:SS")
-    slurm.add_argument("--partition", default=None)
-    slurm.add_argument("--account", default=None)
-    slurm.add_argument("--signal-seconds", type=int, default=None,
-                       help="USR1 this many seconds before the time limit (checkpoint + requeue); default 180")
+    add_job_arguments(slurm, many=True)
     slurm.add_argument("--dry-run", action="store_true", help="print the scripts instead of submitting them")
     slurm.add_argument("--wait", action="store_true", help="wait for every job, then draw the figure")
     slurm.add_argument("--script-dir", default=None,
