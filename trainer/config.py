@@ -162,23 +162,38 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         else:
             rest.append(item)
 
-    cfg = OmegaConf.structured(Config)
-    OmegaConf.set_struct(cfg, True)
     base_file = conf_dir() / "config.yaml"
-    cfg = _merge(cfg, OmegaConf.load(base_file), str(base_file))
+    cfg = _merge(schema(), OmegaConf.load(base_file), str(base_file))
     if experiment:
         path = conf_dir() / "experiment" / f"{experiment}.yaml"
         if not path.is_file():
             raise ConfigError(f"experiment={experiment!r} is unknown; choose one of: {', '.join(experiments())}")
         cfg = _merge(cfg, OmegaConf.load(path), str(path))
         cfg.experiment = experiment
-    try:
-        dotlist = OmegaConf.from_dotlist(rest)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"could not parse overrides {rest}: {err}") from None
-    cfg = _merge(cfg, dotlist, "command line")
+    cfg = apply_overrides(cfg, rest)
     validate(cfg)
     return cfg
+
+
+def schema() -> DictConfig:
+    """The dataclass defaults, in struct mode: unknown keys and wrong types are errors."""
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """``cfg`` with OmegaConf dotlist ``key=value`` overrides merged in (ConfigError on bad ones)."""
+    try:
+        dotlist = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"could not parse overrides {list(overrides)}: {err}") from None
+    return _merge(cfg, dotlist, "command line")
+
+
+def from_saved(saved: dict, source: str) -> DictConfig:
+    """A config saved with a run (a checkpoint's), checked against today's schema."""
+    return _merge(schema(), saved, source)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -9,22 +9,22 @@ import logging
 import os
 import signal
 import sys
-import warnings
 import time
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
 from lightning_fabric.plugins.environments import SLURMEnvironment
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from data_pipelines.datamodule import ImageNetDataModule
 from trainer import slurm
 from trainer.callbacks import AtomicCheckpointIO, PlainProgress, ProgressBar, Throughput
-from trainer.config import Config, ConfigError, require_data_root, to_dict, to_yaml, validate
+from trainer.config import ConfigError, apply_overrides, from_saved, require_data_root, to_dict, to_yaml, validate
 from trainer.models import build_model
 from trainer.module import Classifier
 
@@ -266,13 +266,7 @@ def load_checkpoint_config(ckpt_path: str | Path, overrides: list[str]) -> tuple
     hp = ckpt.get("hyper_parameters", {})
     if "config" not in hp:
         raise ConfigError(f"{path} is not an imagenet-trainer checkpoint (no config in its hyper_parameters)")
-    cfg = OmegaConf.structured(Config)
-    OmegaConf.set_struct(cfg, True)
-    cfg = OmegaConf.merge(cfg, hp["config"])
-    if overrides:
-        from trainer.config import _merge
-
-        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command line")
+    cfg = apply_overrides(from_saved(hp["config"], str(path)), overrides)
     validate(cfg)
     return cfg, ckpt
 
