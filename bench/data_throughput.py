@@ -82,6 +82,18 @@ def dali_decode_only(files, threads, batch, random_crop: bool, prefetch: int):
     return epoch
 
 
+def _images_per_epoch(loader):
+    """One epoch of ``loader`` as a function returning the number of images it fed."""
+
+    def epoch() -> int:
+        n = 0
+        for images, _ in loader:
+            n += images.shape[0]
+        return n
+
+    return epoch
+
+
 def dali_loader(files, labels, threads, batch, prefetch: int, dtype: str = "float32"):
     """The training loader as it runs in training (per-epoch rebuild included)."""
     from data_pipelines.dali import DALILoader
@@ -91,42 +103,24 @@ def dali_loader(files, labels, threads, batch, prefetch: int, dtype: str = "floa
         device="cpu", device_id=None, num_threads=threads, prefetch=prefetch, dtype=dtype,
     )
 
-    def epoch() -> int:
-        n = 0
-        for images, _ in loader:
-            n += images.shape[0]
-        return n
-
-    return epoch
+    return _images_per_epoch(loader)
 
 
 def torchvision_loader(root: Path, threads, batch, repeat: int = 1):
     """ImageFolder + RandomResizedCrop(224) + flip + ToTensor + Normalize, ``threads`` workers."""
     import torch
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
-    transform = transforms.Compose(
-        [
-            transforms.RandomResizedCrop(224),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-        ]
-    )
-    dataset = datasets.ImageFolder(str(root / "train"), transform)
+    from data_pipelines.torchvision_loader import train_transform
+
+    dataset = datasets.ImageFolder(str(root / "train"), train_transform(224))
     dataset = torch.utils.data.ConcatDataset([dataset] * repeat)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, shuffle=True, num_workers=threads, drop_last=True,
         persistent_workers=threads > 0,
     )
 
-    def epoch() -> int:
-        n = 0
-        for images, _ in loader:
-            n += images.shape[0]
-        return n
-
-    return epoch
+    return _images_per_epoch(loader)
 
 
 # -- file list start-up ------------------------------------------------------------------------

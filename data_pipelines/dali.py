@@ -31,10 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import sharding
+from . import IMAGENET_MEAN, IMAGENET_STD, sharding
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # nvJPEG buffer sizes that fit the largest ImageNet image, so that the mixed decoder never
 # reallocates mid-training (NVIDIA's ResNet-50 reference uses the same values).

@@ -101,13 +101,10 @@ class ImageNetDataModule(pl.LightningDataModule):
     @cached_property
     def splits(self) -> tuple[layout.Split, layout.Split]:
         if self.filelist_cache:
-            try:
-                from data_pipelines.filelist import cached_split
-            except ImportError:  # the cache is an optimisation; scanning is always correct
-                cached_split = None
-            if cached_split is not None:
-                train = cached_split(self.root, "train")
-                return train, cached_split(self.root, "val", classes=train.classes)
+            from data_pipelines.filelist import cached_split
+
+            train = cached_split(self.root, "train")
+            return train, cached_split(self.root, "val", classes=train.classes)
         return layout.scan_dataset(self.root)
 
     @property

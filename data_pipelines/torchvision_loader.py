@@ -12,10 +12,9 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from data_pipelines import IMAGENET_MEAN, IMAGENET_STD
 from data_pipelines.sharding import EpochSampler, val_indices
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_rgb(path: str) -> Image.Image:

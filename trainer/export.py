@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from data_pipelines.torchvision_loader import IMAGENET_MEAN, IMAGENET_STD
+from data_pipelines import IMAGENET_MEAN, IMAGENET_STD
 
 FORMATS = ("torchvision", "safetensors", "onnx")
 SUFFIXES = {"torchvision": ".pt", "safetensors": ".safetensors", "onnx": ".onnx"}
