@@ -1,6 +1,25 @@
 """Data pipelines for imagenet-trainer: tree layout, DALI, torchvision, synthetic data."""
+from __future__ import annotations
+
+import torch
 
 # ImageNet's per-channel mean and std (RGB, of pixel values in [0, 1]): every backend normalises
 # with these, and exported models record them as their preprocessing.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 NCHW pixels -> ``(x / 255 - mean) / std`` in ``dtype``, on ``images``' device.
+
+    One multiply and one add into a fresh float32 tensor (the scale and offset fold 255, mean
+    and std); half-precision outputs are cast from it, as DALI's normaliser does.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 images of shape [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+    std = torch.tensor(IMAGENET_STD, device=images.device).mul_(255)
+    scale = std.reciprocal().view(1, 3, 1, 1)
+    offset = (-torch.tensor(IMAGENET_MEAN, device=images.device) * 255 / std).view(1, 3, 1, 1)
+    out = torch.mul(images, scale, out=torch.empty(images.shape, dtype=torch.float32, device=images.device))
+    out.add_(offset)
+    return out if dtype == torch.float32 else out.to(dtype)

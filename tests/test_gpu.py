@@ -62,6 +62,21 @@ def test_dali_gpu_validation_batches_equal_dali_cpu(tiny_root):
     assert (diff > 16 * one_level).float().mean() < 0.02, stats
 
 
+def test_dali_cpu_batches_are_normalised_on_the_gpu_they_are_sent_to(tiny_root):
+    """dali_cpu on a GPU run: uint8 pixels cross to the GPU and are normalised there, to the same
+    values the CPU computes."""
+    dali = _dali()
+    val = _split(tiny_root, "val")
+    kwargs = dict(train=False, batch_size=8, image_size=32, val_resize=36, num_threads=2, device="cpu")
+    on_gpu = dali.DALILoader(val.files, val.labels, output_device="cuda:0", **kwargs)
+    images, labels = next(iter(on_gpu))
+    assert images.is_cuda and images.dtype == torch.float32 and labels.is_cuda and labels.dtype == torch.int64
+    on_gpu.release()
+    got, want = _batches(on_gpu), _batches(dali.DALILoader(val.files, val.labels, **kwargs))
+    torch.testing.assert_close(torch.cat([b[0] for b in got]), torch.cat([b[0] for b in want]), rtol=0, atol=1e-5)
+    assert torch.equal(torch.cat([b[1] for b in got]), torch.cat([b[1] for b in want]))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_dali_gpu_training_batches_are_normalised_on_the_device(tiny_root, dtype):
     dali = _dali()
