@@ -256,8 +256,11 @@ class DALILoader:
     ``images`` are normalised NCHW float tensors, ``labels`` int64 of shape [N], both on GPU
     ``device_id`` for ``device="gpu"``. With ``device="cpu"`` the pipeline hands over uint8 pixels,
     which are moved to ``output_device`` (default: the CPU) and normalised there, so a GPU that
-    trains on DALI-CPU batches receives a quarter of the bytes and does the arithmetic itself. Training: ``len()`` full batches, the same on
-    every rank; validation: this rank's contiguous slice once, the last batch possibly partial.
+    trains on DALI-CPU batches receives a quarter of the bytes and does the arithmetic itself;
+    ``output_device=None`` yields them as uint8, for a caller that normalises them itself.
+
+    Training: ``len()`` full batches, the same on every rank; validation: this rank's contiguous
+    slice once, the last batch possibly partial.
 
     The loader tracks its position: after the last batch of epoch ``e`` it stands at epoch
     ``e + 1``, so iterating it again gives the next epoch without ``set_epoch``.
@@ -292,7 +295,7 @@ class DALILoader:
         prefetch: int = 2,
         hw_decoder_load: float = 0.65,
         use_mmap: bool = True,
-        output_device: str | torch.device = "cpu",
+        output_device: str | torch.device | None = "cpu",
     ) -> None:
         require_dali()
         if len(files) != len(labels):
@@ -329,7 +332,9 @@ class DALILoader:
         self.prefetch = prefetch
         self.hw_decoder_load = hw_decoder_load
         self.use_mmap = use_mmap
-        self.output_device = torch.device(device, device_id) if device == "gpu" else torch.device(output_device)
+        if device == "gpu":
+            output_device = torch.device(device, device_id)
+        self.output_device = None if output_device is None else torch.device(output_device)
         self._epoch = 0
         self._step = 0
         self._pipe = None
@@ -442,7 +447,7 @@ class DALILoader:
                 if self.train:  # the position moves when a batch is handed out
                     self._epoch, self._step = (self._epoch + 1, 0) if step == steps else (self._epoch, step)
                 images, labels = out["images"], out["labels"].reshape(-1).long()
-                if images.dtype == torch.uint8:  # the CPU pipelines: normalise where training runs
+                if images.dtype == torch.uint8 and self.output_device is not None:  # the CPU pipelines
                     images = normalize(images.to(self.output_device, non_blocking=True), _DTYPES[self.dtype])
                     labels = labels.to(self.output_device, non_blocking=True)
                 elif self.dtype == "bfloat16":  # DALI has no bfloat16 output

@@ -96,3 +96,17 @@ def test_normalize_is_imagenet_mean_std_in_the_requested_dtype():
 def test_normalize_names_what_it_got():
     with pytest.raises(ValueError, match=r"uint8 images of shape \[N, 3, H, W\], got torch.float32"):
         normalize(torch.zeros(1, 3, 4, 4))
+
+
+@needs_dali
+def test_loader_without_output_device_hands_over_the_pixels_it_would_normalise(tmp_path):
+    rng = np.random.default_rng(2)
+    files = []
+    for i in range(6):
+        files.append(str(tmp_path / f"{i}.JPEG"))
+        Image.fromarray(_photo(rng, 40, 48)).save(files[-1], quality=90)
+    kwargs = dict(train=False, batch_size=3, image_size=32, val_resize=36, device="cpu", num_threads=1)
+    raw = [x for x, _ in dali.DALILoader(files, [0] * 6, output_device=None, **kwargs)]
+    normed = [x for x, _ in dali.DALILoader(files, [0] * 6, **kwargs)]
+    assert all(x.dtype == torch.uint8 and x.shape == (3, 3, 32, 32) for x in raw)
+    assert all(torch.equal(normalize(r), n) for r, n in zip(raw, normed))
