@@ -74,12 +74,18 @@ def dali_decode_only(files, threads, batch, random_crop: bool, prefetch: int):
             return fn.decoders.image_random_crop(data, device="cpu", output_type=types.RGB)
         return fn.decoders.image(data, device="cpu", output_type=types.RGB)
 
+    return _pipeline_epochs(decode, files, batch)
+
+
+def _pipeline_epochs(pipeline, files, batch):
+    """Epochs of a bare DALI ``pipeline(file_list)``: a new shuffled list and pipeline each
+    epoch, as the training loader does; returns the function that runs one."""
     usable = files[: len(files) // batch * batch]
     seed = iter(range(10**6))
 
     def epoch() -> int:
         order = np.random.default_rng(next(seed)).permutation(len(usable))
-        pipe = decode([usable[i] for i in order])
+        pipe = pipeline([usable[i] for i in order])
         pipe.build()
         for _ in range(len(usable) // batch):
             pipe.run()
@@ -134,17 +140,7 @@ def dali_resize_pipeline(files, threads, batch, prefetch: int):
             mirror=fn.random.coin_flip(probability=0.5), output_layout="CHW", dtype=types.FLOAT,
         )
 
-    usable = files[: len(files) // batch * batch]
-
-    def epoch() -> int:
-        pipe = train(usable)
-        pipe.build()
-        for _ in range(len(usable) // batch):
-            pipe.run()
-        pipe._shutdown()  # noqa: SLF001
-        return len(usable)
-
-    return epoch
+    return _pipeline_epochs(train, files, batch)
 
 
 def torchvision_loader(root: Path, threads, batch, repeat: int = 1):
