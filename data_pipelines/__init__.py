@@ -1,6 +1,8 @@
 """Data pipelines for imagenet-trainer: tree layout, DALI, torchvision, synthetic data."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # ImageNet's per-channel mean and std (RGB, of pixel values in [0, 1]): every backend normalises
@@ -17,9 +19,17 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 images of shape [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
-    std = torch.tensor(IMAGENET_STD, device=images.device).mul_(255)
-    scale = std.reciprocal().view(1, 3, 1, 1)
-    offset = (-torch.tensor(IMAGENET_MEAN, device=images.device) * 255 / std).view(1, 3, 1, 1)
+    scale, offset = _scale_offset(images.device)
     out = torch.mul(images, scale, out=torch.empty(images.shape, dtype=torch.float32, device=images.device))
     out.add_(offset)
     return out if dtype == torch.float32 else out.to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _scale_offset(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1, 3, 1, 1] factors with ``x * scale + offset == (x / 255 - mean) / std``, made once per
+    device: building them per batch would copy to the GPU, and wait for it, at every step."""
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64) * 255
+    scale = (1 / std).view(1, 3, 1, 1)
+    offset = (-torch.tensor(IMAGENET_MEAN, dtype=torch.float64) * 255 / std).view(1, 3, 1, 1)
+    return scale.float().to(device), offset.float().to(device)
