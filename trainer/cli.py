@@ -3,6 +3,8 @@
     imagenet-trainer VERB [experiment=NAME] [key=value ...]
 
 Config errors exit with code 2 and a message naming the key, before anything heavy starts.
+``fit`` on SLURM's USR1 checkpoints and exits 0 when the job was requeued (it resumes), or
+EXIT_NOT_REQUEUED when requeueing failed (resubmit with the same run.dir to resume).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import sys
 from pathlib import Path
 
 from trainer.config import ConfigError, experiments, load_config, to_yaml
+
+EXIT_NOT_REQUEUED = 3
 
 OVERRIDES_HELP = (
     "config overrides: experiment=NAME picks a recipe from conf/experiment/, every other item is an "
@@ -29,7 +33,8 @@ continues it; offline (RUN_DIR/wandb/offline-run-*, upload with `wandb sync`) wh
 set; logger.wandb.mode=disabled turns it off. `imagenet-trainer plot RUN_DIR` draws metrics.csv.
 
 Resuming: running fit again with the same run.dir continues from checkpoints/last.ckpt (same
-global step, optimiser and schedule state). Pass run.resume=false to refuse that instead, or a
+global step, optimiser and schedule state), or from RUN_DIR/hpc_ckpt_N.ckpt when newer: under
+srun, SIGUSR1 (sbatch --signal=USR1@N) writes it at the next step and requeues the job. Pass run.resume=false to refuse that instead, or a
 new run.dir to start afresh.
 
 Examples:
@@ -222,9 +227,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     try:
         if verb == "fit":
             cfg = load_config(args.overrides)
+            from trainer.preemption import Preempted
             from trainer.run import fit
 
-            summary = fit(cfg)
+            try:
+                summary = fit(cfg)
+            except Preempted as stop:
+                from pytorch_lightning.utilities import rank_zero_only
+
+                if rank_zero_only.rank == 0:
+                    print(f"imagenet-trainer: {stop}", file=sys.stderr)
+                return 0 if stop.requeued else EXIT_NOT_REQUEUED
             if summary is None:  # not rank 0
                 return 0
             print(

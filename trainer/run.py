@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 import time
 import warnings
@@ -22,10 +21,11 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from data_pipelines.datamodule import ImageNetDataModule
-from trainer import slurm
+from trainer import preemption, slurm
 from trainer.callbacks import AtomicCheckpointIO, PlainProgress, ProgressBar, Throughput
 from trainer.config import ConfigError, apply_overrides, from_saved, require_data_root, to_dict, to_yaml, validate
 from trainer.models import build_model
+from trainer.preemption import RequeueOnSignal
 from trainer.module import Classifier
 
 log = logging.getLogger("imagenet_trainer")
@@ -116,12 +116,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Traine
     if on_gpu:
         use_fast_gpu_math(t.deterministic)
     plugins: list = [AtomicCheckpointIO()]
-    if alloc is not None and for_fit:
-        # SIGUSR1 (sbatch --signal=USR1@N) -> Lightning writes run_dir/hpc_ckpt_N.ckpt and
-        # requeues the job; the requeued job resumes from it (see resume_checkpoint).
-        plugins.append(SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1))
-    tty = sys.stdout.isatty()
     callbacks: list[pl.Callback] = []
+    if alloc is not None:
+        # Lightning's own USR1 handler checkpoints inside the signal handler and can deadlock
+        # DDP (trainer/preemption.py says how); ours checkpoints at a step every rank agrees on.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        if for_fit:
+            preemption.listen()  # from now: SIGUSR1's default action would kill the process
+            callbacks.append(RequeueOnSignal(run_dir, requeue=preemption.requeue_command()))
+    tty = sys.stdout.isatty()
     loggers = []
     if for_fit:
         callbacks += [

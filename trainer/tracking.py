@@ -183,6 +183,12 @@ class TrainerWandbLogger(WandbLogger):
             self._guarded("logging a checkpoint artifact", super().after_save_checkpoint, checkpoint_callback)
 
     @rank_zero_only
+    def mark_preempting(self) -> None:
+        """Tell W&B the run stops to be requeued, not crashed; the requeued job resumes it."""
+        if self._experiment is not None:
+            self._guarded("marking the run preempted", self._experiment.mark_preempting)
+
+    @rank_zero_only
     def finalize(self, status: str) -> None:
         self._guarded("logging checkpoint artifacts", super().finalize, status)
         if self._experiment is not None:

@@ -120,9 +120,9 @@ def test_usr1_checkpoints_requeues_and_resumes_at_the_same_step(slurm_cluster, t
     logs = _logs(tmp_path, job_id)
     assert job["JobState"] == "COMPLETED", logs[-4000:]
     assert job["Restarts"] == "1"
-    assert "Handling auto-requeue signal" in logs and "(restart 1)" in logs
-
     hpc = run_dir / "hpc_ckpt_1.ckpt"
+    assert f"preempted: wrote {hpc}; the job is requeued and resumes from it" in logs
+    assert "(restart 1)" in logs
     assert f"resuming from {hpc}" in logs
     ckpt = torch.load(hpc, map_location="cpu", weights_only=True)
     position = ckpt["ImageNetDataModule"]

@@ -1,0 +1,61 @@
+"""One rank of a 2-process DDP (gloo) fit with RequeueOnSignal, launched by tests/test_preemption.py
+as srun would: a separate process per rank, each receiving its own signals.
+
+    python tests/_preempt_rank.py ROOT OUT RANK PORT SIGNAL_AT [RESUME_CKPT]
+
+SIGNAL_AT = "RANK:BATCH" makes that rank send SIGUSR1 to itself (and only itself) at the end of
+that batch of epoch 0; "-" sends none. Writes OUT/rank{RANK}.json: how fit ended and the labels
+of every batch it trained on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+root, out, rank, port, signal_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+resume = sys.argv[6] if len(sys.argv) > 6 else None
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", NODE_RANK="0", LOCAL_RANK=str(rank))
+
+import pytorch_lightning as pl  # noqa: E402
+
+from data_pipelines.datamodule import ImageNetDataModule  # noqa: E402
+from trainer.callbacks import AtomicCheckpointIO  # noqa: E402
+from trainer.models import build_model  # noqa: E402
+from trainer.module import Classifier  # noqa: E402
+from trainer.preemption import Preempted, RequeueOnSignal  # noqa: E402
+
+# The requeue command: appends the rank that ran it (only rank 0 may) to OUT/requeued.
+REQUEUE = [sys.executable, "-c", f"open({str(out / 'requeued')!r}, 'a').write('{rank}\\n')"]
+
+
+class Record(pl.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.seen.append([trainer.current_epoch, batch_idx, trainer.global_step, batch[1].tolist()])
+        if signal_at == f"{rank}:{batch_idx}" and trainer.current_epoch == 0 and resume is None:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+pl.seed_everything(0)
+record = Record()
+dm = ImageNetDataModule(root=root, backend="torchvision", on_gpu=False, batch_size=4, image_size=32, val_resize=32,
+                        num_workers=0, seed=3, filelist_cache=False)
+module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, lr=0.1, momentum=0.9)
+trainer = pl.Trainer(accelerator="cpu", devices=2, num_nodes=1, strategy="ddp", max_epochs=2, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=[RequeueOnSignal(out, requeue=REQUEUE), record], use_distributed_sampler=False,
+                     num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(out),
+                     plugins=[AtomicCheckpointIO()])
+result = {"seen": record.seen}
+try:
+    trainer.fit(module, dm, ckpt_path=resume)
+    result.update(ended="finished", global_step=trainer.global_step)
+except Preempted as stop:
+    result.update(ended="preempted", checkpoint=str(stop.checkpoint), requeued=stop.requeued,
+                  global_step=trainer.global_step)
+(out / f"rank{rank}.json").write_text(json.dumps(result))

@@ -1,0 +1,132 @@
+"""SIGUSR1 (SLURM's warning before the time limit) under real multi-process DDP: every rank
+checkpoints at the same step, only rank 0 requeues, and the resumed run trains on exactly what an
+uninterrupted run trains on. tests/slurm/test_train_on_slurm.py does the same through sbatch."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from data_pipelines.datamodule import ImageNetDataModule
+from trainer.models import build_model
+from trainer.module import Classifier
+from trainer.preemption import Preempted, RequeueOnSignal, next_hpc_path, requeue_command
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).with_name("_preempt_rank.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ranks(root: Path, out: Path, signal_at: str, resume: Path | None = None, timeout: float = 240) -> list[dict]:
+    """Both ranks as separate processes (as srun starts them); their results."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen([sys.executable, str(WORKER), str(root), str(out), str(rank), port, signal_at,
+                          *([str(resume)] if resume else [])],
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        logs = [p.communicate()[0] for p in procs]
+        pytest.fail(f"ranks still running after {timeout:.0f}s (a deadlock):\n" + "\n".join(log[-3000:] for log in logs))
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{log[-4000:]}"
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_a_signal_to_one_rank_stops_both_at_one_step_and_the_resume_is_exact(tiny_root, tmp_path):
+    steps = 64 // (2 * 4)  # 64 train images, 2 ranks x batch 4
+    full = _run_ranks(tiny_root, tmp_path / "full", "-")
+    assert [r["ended"] for r in full] == ["finished"] * 2
+    assert [len(r["seen"]) for r in full] == [2 * steps] * 2
+
+    # Only rank 1 is signalled, after its batch 2, while rank 0 is elsewhere. Lightning's handler
+    # would save (ending in a barrier) on rank 1 alone: a deadlock.
+    run = tmp_path / "run"
+    first = _run_ranks(tiny_root, run, "1:2")
+    ckpt = run / "hpc_ckpt_1.ckpt"
+    assert [r["ended"] for r in first] == ["preempted"] * 2
+    assert [r["checkpoint"] for r in first] == [str(ckpt)] * 2
+    assert [r["requeued"] for r in first] == [True, True]
+    assert (run / "requeued").read_text() == "0\n"  # rank 0 ran the requeue command, once
+    # Rank 1's flag joins the all-reduce started at batch 3 and is read at batch 4's start:
+    # both ranks trained batches 0-3 and stopped before batch 4.
+    assert [len(r["seen"]) for r in first] == [4, 4]
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 4
+    assert saved["ImageNetDataModule"] == {"epoch": 0, "batches_done": 4}
+    assert not list(run.glob(".*.tmp"))
+
+    second = _run_ranks(tiny_root, run, "-", resume=ckpt)
+    assert [r["ended"] for r in second] == ["finished"] * 2
+    for rank in (0, 1):  # same images, same order, same global steps as without the stop
+        assert first[rank]["seen"] + second[rank]["seen"] == full[rank]["seen"]
+        assert second[rank]["global_step"] == 2 * steps
+
+
+class _SignalSelf(pl.Callback):
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def _one_process_fit(root, run_dir, requeue):
+    dm = ImageNetDataModule(root=str(root), backend="torchvision", on_gpu=False, batch_size=8, image_size=32,
+                            val_resize=32, num_workers=0, seed=0, filelist_cache=False)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, use_distributed_sampler=False, default_root_dir=str(run_dir),
+                         callbacks=[RequeueOnSignal(run_dir, requeue=requeue), _SignalSelf()])
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        with pytest.raises(Preempted) as stopped:
+            trainer.fit(Classifier(build_model("resnet20", 4), num_classes=4, batch_size=8, lr=0.1, momentum=0.9), dm)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        from trainer import preemption
+
+        preemption._signalled.clear()  # this test process goes on
+    return trainer, stopped.value
+
+
+def test_one_process_stops_at_the_next_step_and_a_failed_requeue_is_reported(tiny_root, tmp_path):
+    trainer, stop = _one_process_fit(tiny_root, tmp_path, requeue=[sys.executable, "-c", "import sys; sys.exit(7)"])
+    assert trainer.global_step == 2  # signalled after batch 1; no all-reduce to wait for
+    assert stop.checkpoint == tmp_path / "hpc_ckpt_1.ckpt" and stop.checkpoint.is_file()
+    assert not stop.requeued and "exited 7" in stop.reason
+    assert f"resubmit with run.dir={tmp_path}" in str(stop)
+
+
+def test_requeue_command_names_the_job_or_the_array_task():
+    assert requeue_command({"SLURM_JOB_ID": "1234"}) == ["scontrol", "requeue", "1234"]
+    env = {"SLURM_JOB_ID": "1240", "SLURM_ARRAY_JOB_ID": "1234", "SLURM_ARRAY_TASK_ID": "6"}
+    assert requeue_command(env) == ["scontrol", "requeue", "1234_6"]
+    with pytest.raises(ValueError, match="unexpected SLURM job id"):
+        requeue_command({"SLURM_JOB_ID": "12; rm -rf /"})
+
+
+def test_next_hpc_path_counts_up_from_the_newest(tmp_path):
+    assert next_hpc_path(tmp_path) == tmp_path / "hpc_ckpt_1.ckpt"
+    for n in (1, 2, 10):
+        (tmp_path / f"hpc_ckpt_{n}.ckpt").touch()
+    (tmp_path / "hpc_ckpt_x.ckpt").touch()
+    assert next_hpc_path(tmp_path) == tmp_path / "hpc_ckpt_11.ckpt"
