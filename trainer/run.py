@@ -203,8 +203,8 @@ def _metrics(trainer: pl.Trainer) -> dict:
 
 def resume_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint a fit in ``run_dir`` resumes from: the newer of ``checkpoints/last.ckpt``
-    (end of each epoch) and Lightning's newest ``hpc_ckpt_N.ckpt`` (written on SLURM's USR1,
-    mid-epoch). Both are written atomically, so neither can be a half-written file."""
+    (end of each epoch) and the newest ``hpc_ckpt_N.ckpt`` (written on SLURM's USR1 by
+    trainer/preemption.py, mid-epoch). Both are written atomically, so neither can be a half-written file."""
     candidates = [run_dir / "checkpoints" / "last.ckpt"]
     hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     candidates += hpc[-1:]
