@@ -3,9 +3,10 @@ as srun would: a separate process per rank, each receiving its own signals.
 
     python tests/_preempt_rank.py ROOT OUT RANK PORT SIGNAL_AT [RESUME_CKPT]
 
-SIGNAL_AT = "RANK:BATCH" makes that rank send SIGUSR1 to itself (and only itself) at the end of
-that batch of epoch 0; "-" sends none. Writes OUT/rank{RANK}.json: how fit ended and the labels
-of every batch it trained on.
+SIGNAL_AT = "RANK:BATCH:SIG" makes that rank send SIGSIG (USR1 or TERM) to itself, and only
+itself, at the end of that batch of epoch 0; "-" sends none. Writes OUT/rank{RANK}.json: how fit
+ended, the labels of every batch it trained on, and the ops of batches 2-5 that make the host
+wait for a GPU.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from trainer.callbacks import AtomicCheckpointIO  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.module import Classifier  # noqa: E402
 from trainer.preemption import Preempted, RequeueOnSignal  # noqa: E402
+from tests.test_fast_path import HOST_SYNC_OPS, _OpRecorder  # noqa: E402
 
 # The requeue command: appends the rank that ran it (only rank 0 may) to OUT/requeued.
 REQUEUE = [sys.executable, "-c", f"open({str(out / 'requeued')!r}, 'a').write('{rank}\\n')"]
@@ -33,18 +35,25 @@ REQUEUE = [sys.executable, "-c", f"open({str(out / 'requeued')!r}, 'a').write('{
 
 class Record(pl.Callback):
     def __init__(self):
-        self.seen = []
+        self.seen, self.recorder = [], _OpRecorder()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.seen.append([trainer.current_epoch, batch_idx, trainer.global_step, batch[1].tolist()])
-        if signal_at == f"{rank}:{batch_idx}" and trainer.current_epoch == 0 and resume is None:
-            os.kill(os.getpid(), signal.SIGUSR1)
+        if trainer.current_epoch != 0 or resume is not None:
+            return
+        if batch_idx == 1:
+            self.recorder.__enter__()
+        elif batch_idx == 5:
+            self.recorder.__exit__(None, None, None)
+        who, when, sig = (signal_at.split(":") + ["", "", ""])[:3]
+        if who == str(rank) and when == str(batch_idx):
+            os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
 
 
 pl.seed_everything(0)
 record = Record()
 dm = ImageNetDataModule(root=root, backend="torchvision", on_gpu=False, batch_size=4, image_size=32, val_resize=32,
-                        num_workers=0, seed=3, filelist_cache=False)
+                        num_workers=1, seed=3, filelist_cache=False)  # decoding (it reads values) outside the recorder
 module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, lr=0.1, momentum=0.9)
 trainer = pl.Trainer(accelerator="cpu", devices=2, num_nodes=1, strategy="ddp", max_epochs=2, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -54,8 +63,10 @@ trainer = pl.Trainer(accelerator="cpu", devices=2, num_nodes=1, strategy="ddp", 
 result = {"seen": record.seen}
 try:
     trainer.fit(module, dm, ckpt_path=resume)
-    result.update(ended="finished", global_step=trainer.global_step)
+    result.update(ended="finished")
 except Preempted as stop:
-    result.update(ended="preempted", checkpoint=str(stop.checkpoint), requeued=stop.requeued,
-                  global_step=trainer.global_step)
+    result.update(ended=signal.Signals(stop.signum).name, checkpoint=str(stop.checkpoint), requeued=stop.requeued,
+                  exit_code=stop.exit_code)
+result.update(global_step=trainer.global_step, recorded=len(record.recorder.ops),
+              sync_ops=sorted({op for op in record.recorder.ops if any(s in op for s in HOST_SYNC_OPS)}))
 (out / f"rank{rank}.json").write_text(json.dumps(result))

@@ -1,6 +1,7 @@
-"""SIGUSR1 (SLURM's warning before the time limit) under real multi-process DDP: every rank
-checkpoints at the same step, only rank 0 requeues, and the resumed run trains on exactly what an
-uninterrupted run trains on. tests/slurm/test_train_on_slurm.py does the same through sbatch."""
+"""SIGUSR1 (SLURM's warning before the time limit) and SIGTERM (SLURM stopping a job) under real
+multi-process DDP: every rank checkpoints at the same step, only rank 0 requeues (on USR1), and the
+resumed run trains on exactly what an uninterrupted run trains on.
+tests/slurm/test_train_on_slurm.py does the same through sbatch."""
 from __future__ import annotations
 
 import json
@@ -53,20 +54,24 @@ def _run_ranks(root: Path, out: Path, signal_at: str, resume: Path | None = None
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
-def test_a_signal_to_one_rank_stops_both_at_one_step_and_the_resume_is_exact(tiny_root, tmp_path):
+def test_usr1_to_one_rank_stops_both_at_one_step_and_the_resume_is_exact(tiny_root, tmp_path):
     steps = 64 // (2 * 4)  # 64 train images, 2 ranks x batch 4
     full = _run_ranks(tiny_root, tmp_path / "full", "-")
     assert [r["ended"] for r in full] == ["finished"] * 2
     assert [len(r["seen"]) for r in full] == [2 * steps] * 2
+    # DDP steps make no host sync either (Lightning's own per-step SIGTERM broadcast read one back).
+    assert all(r["recorded"] > 100 for r in full)
+    assert [r["sync_ops"] for r in full] == [[], []]
 
     # Only rank 1 is signalled, after its batch 2, while rank 0 is elsewhere. Lightning's handler
     # would save (ending in a barrier) on rank 1 alone: a deadlock.
     run = tmp_path / "run"
-    first = _run_ranks(tiny_root, run, "1:2")
+    first = _run_ranks(tiny_root, run, "1:2:USR1")
     ckpt = run / "hpc_ckpt_1.ckpt"
-    assert [r["ended"] for r in first] == ["preempted"] * 2
+    assert [r["ended"] for r in first] == ["SIGUSR1"] * 2
     assert [r["checkpoint"] for r in first] == [str(ckpt)] * 2
     assert [r["requeued"] for r in first] == [True, True]
+    assert [r["exit_code"] for r in first] == [0, 0]
     assert (run / "requeued").read_text() == "0\n"  # rank 0 ran the requeue command, once
     # Rank 1's flag joins the all-reduce started at batch 3 and is read at batch 4's start:
     # both ranks trained batches 0-3 and stopped before batch 4.
@@ -83,6 +88,18 @@ def test_a_signal_to_one_rank_stops_both_at_one_step_and_the_resume_is_exact(tin
         assert second[rank]["global_step"] == 2 * steps
 
 
+def test_sigterm_to_one_rank_checkpoints_on_both_without_a_requeue(tiny_root, tmp_path):
+    ranks = _run_ranks(tiny_root, tmp_path, "0:0:TERM")  # rank 0, after its first batch
+    ckpt = tmp_path / "hpc_ckpt_1.ckpt"
+    assert [r["ended"] for r in ranks] == ["SIGTERM"] * 2
+    assert [r["checkpoint"] for r in ranks] == [str(ckpt)] * 2
+    assert [r["requeued"] for r in ranks] == [False, False]
+    assert [r["exit_code"] for r in ranks] == [143, 143]
+    assert not (tmp_path / "requeued").exists()  # SLURM decides whether a stopped job comes back
+    assert [len(r["seen"]) for r in ranks] == [2, 2]
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["ImageNetDataModule"] == {"epoch": 0, "batches_done": 2}
+
+
 class _SignalSelf(pl.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if batch_idx == 1:
@@ -96,15 +113,11 @@ def _one_process_fit(root, run_dir, requeue):
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, use_distributed_sampler=False, default_root_dir=str(run_dir),
                          callbacks=[RequeueOnSignal(run_dir, requeue=requeue), _SignalSelf()])
-    previous = signal.getsignal(signal.SIGUSR1)
-    try:
-        with pytest.raises(Preempted) as stopped:
-            trainer.fit(Classifier(build_model("resnet20", 4), num_classes=4, batch_size=8, lr=0.1, momentum=0.9), dm)
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
-        from trainer import preemption
-
-        preemption._signalled.clear()  # this test process goes on
+    before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted) as stopped:
+        trainer.fit(Classifier(build_model("resnet20", 4), num_classes=4, batch_size=8, lr=0.1, momentum=0.9), dm)
+    # Lightning's teardown put back this process's handlers.
+    assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before
     return trainer, stopped.value
 
 
@@ -112,7 +125,7 @@ def test_one_process_stops_at_the_next_step_and_a_failed_requeue_is_reported(tin
     trainer, stop = _one_process_fit(tiny_root, tmp_path, requeue=[sys.executable, "-c", "import sys; sys.exit(7)"])
     assert trainer.global_step == 2  # signalled after batch 1; no all-reduce to wait for
     assert stop.checkpoint == tmp_path / "hpc_ckpt_1.ckpt" and stop.checkpoint.is_file()
-    assert not stop.requeued and "exited 7" in stop.reason
+    assert not stop.requeued and "exited 7" in stop.reason and stop.exit_code == 3
     assert f"resubmit with run.dir={tmp_path}" in str(stop)
 
 

@@ -3,8 +3,8 @@
     imagenet-trainer VERB [experiment=NAME] [key=value ...]
 
 Config errors exit with code 2 and a message naming the key, before anything heavy starts.
-``fit`` on SLURM's USR1 checkpoints and exits 0 when the job was requeued (it resumes), or
-EXIT_NOT_REQUEUED when requeueing failed (resubmit with the same run.dir to resume).
+``fit`` stopped by SIGUSR1 or SIGTERM checkpoints first (trainer/preemption.py), then exits 0 when
+the job was requeued (it resumes), 143 on SIGTERM, 3 when the requeue failed.
 """
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ import sys
 from pathlib import Path
 
 from trainer.config import ConfigError, experiments, load_config, to_yaml
-
-EXIT_NOT_REQUEUED = 3
 
 OVERRIDES_HELP = (
     "config overrides: experiment=NAME picks a recipe from conf/experiment/, every other item is an "
@@ -33,8 +31,9 @@ continues it; offline (RUN_DIR/wandb/offline-run-*, upload with `wandb sync`) wh
 set; logger.wandb.mode=disabled turns it off. `imagenet-trainer plot RUN_DIR` draws metrics.csv.
 
 Resuming: running fit again with the same run.dir continues from checkpoints/last.ckpt (same
-global step, optimiser and schedule state), or from RUN_DIR/hpc_ckpt_N.ckpt when newer: under
-srun, SIGUSR1 (sbatch --signal=USR1@N) writes it at the next step and requeues the job. Pass run.resume=false to refuse that instead, or a
+global step, optimiser and schedule state), or from RUN_DIR/hpc_ckpt_N.ckpt when newer: SIGUSR1
+(sbatch --signal=USR1@N) writes it within two steps and, under srun, requeues the job; SIGTERM
+writes it and stops. Pass run.resume=false to refuse that instead, or a
 new run.dir to start afresh.
 
 Examples:
@@ -237,7 +236,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
                 if rank_zero_only.rank == 0:
                     print(f"imagenet-trainer: {stop}", file=sys.stderr)
-                return 0 if stop.requeued else EXIT_NOT_REQUEUED
+                return stop.exit_code
             if summary is None:  # not rank 0
                 return 0
             print(

@@ -1,22 +1,28 @@
-"""Checkpoint and requeue on SLURM's warning signal, every rank stopping at the same step.
+"""Checkpoint on SLURM's signals, every rank stopping at the same step.
 
 SLURM sends SIGUSR1 to every task of a job ``N`` seconds before its time limit
-(``sbatch --signal=USR1@N``) or when an administrator asks (``scancel --signal=USR1``).
-Lightning's own handler (``SLURMEnvironment(auto_requeue=True)``) saves the checkpoint inside
-the signal handler, wherever each rank happens to be when its signal lands; saving ends in a
-barrier, so a rank in that barrier and a rank in DDP's gradient all-reduce wait for each other
-forever. That hung our SLURM test on CI.
+(``sbatch --signal=USR1@N``) or when an administrator asks (``scancel --signal=USR1``); it sends
+SIGTERM when it stops a job (``scancel``, the time limit, preemption), and SIGKILL ``KillWait``
+(or the partition's ``GraceTime``) seconds later.
 
-Here the handler only sets a flag. At the start of each training step every rank adds its flag
-to an all-reduce (max) over a CPU (gloo) group. The all-reduce is started without waiting and read
-at the start of the next step, so no step waits for it and the GPU's queue never drains; every rank
-reads the same answer at the same step. When it says "a rank was signalled", every rank takes part
-in writing ``RUN_DIR/hpc_ckpt_N.ckpt`` at that step boundary, rank 0 runs ``scontrol requeue``,
-and every rank raises :class:`Preempted`. The checkpoint is written at most two steps after the
-first signal lands.
+Lightning handles both inside the signal handler, wherever each rank happens to be when its
+signal lands: on USR1 (``SLURMEnvironment(auto_requeue=True)``) it saves a checkpoint, which ends
+in a barrier; on SIGTERM it broadcasts a flag. A rank in that collective and a rank in DDP's
+gradient all-reduce wait for each other forever; this hung our SLURM test on CI. Lightning also
+broadcasts its SIGTERM flag from the GPU and reads it back at every DDP step, which makes the host
+wait for the GPU once a step.
 
-At a step's start the previous step is complete and this one has not begun, so the checkpoint
-resumes at this step exactly (``ImageNetDataModule.state_dict`` counts completed batches).
+Here the handler only records the signal. At the start of each training step every rank adds
+what it received to an all-reduce (max) over a CPU (gloo) group. The all-reduce is started without
+waiting and read at the start of the next step, so no step waits for it and the GPU's queue never
+drains; every rank reads the same answer at the same step. When a rank was signalled, every rank
+takes part in writing ``RUN_DIR/hpc_ckpt_N.ckpt`` at that step boundary; on USR1 rank 0 then runs
+``scontrol requeue``; and every rank raises :class:`Preempted`. The checkpoint is written at most
+two steps after the first signal lands. At a step's start the previous step is complete and this
+one has not begun, so the checkpoint resumes at this step exactly.
+
+Signals are acted on between training steps only: one that lands during a validation pass waits
+for the next training step.
 """
 from __future__ import annotations
 
@@ -35,24 +41,24 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-_signalled = threading.Event()
+# The signals we act on, in the order of the flags all-reduced between ranks.
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_received: set[int] = set()  # received by this process and not yet acted on
 
 
 def _on_signal(signum, frame) -> None:
     # Nothing else: this runs between two bytecodes of whatever the rank is doing.
-    _signalled.set()
+    _received.add(signum)
 
 
-def listen(signum: int = signal.SIGUSR1) -> None:
-    """Catch ``signum`` from now on (the default action of SIGUSR1 would end the process).
-    Only the main thread may install handlers; elsewhere this does nothing."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signum) is not _on_signal:
-        signal.signal(signum, _on_signal)
-
-
-def signalled() -> bool:
-    """Whether this process has received the signal."""
-    return _signalled.is_set()
+def listen(signums: Sequence[int] = (signal.SIGUSR1,)) -> None:
+    """Record these signals from now on instead of their default action (for SIGUSR1: ending the
+    process). Only the main thread may install handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in signums:
+        if signal.getsignal(signum) is not _on_signal:
+            signal.signal(signum, _on_signal)
 
 
 def requeue_command(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -67,84 +73,110 @@ def requeue_command(environ: Mapping[str, str] | None = None) -> list[str]:
 
 def next_hpc_path(run_dir: Path) -> Path:
     """``run_dir/hpc_ckpt_N.ckpt`` with N one above the newest (Lightning's naming)."""
-    numbers = [int(m.group(1)) for p in run_dir.glob("hpc_ckpt_*.ckpt") if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+    numbers = [int(m.group(1)) for p in run_dir.glob("hpc_ckpt_*.ckpt")
+               if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
     return run_dir / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
 
 
 class Preempted(Exception):
-    """Raised on every rank once the preemption checkpoint is written (and the job requeued)."""
+    """Raised on every rank once the checkpoint is written (and, on USR1, the job requeued)."""
 
-    def __init__(self, checkpoint: Path, requeued: bool, reason: str = "") -> None:
-        self.checkpoint, self.requeued, self.reason = checkpoint, requeued, reason
-        then = ("the job is requeued and resumes from it" if requeued
-                else f"the job was not requeued ({reason}); resubmit with run.dir={checkpoint.parent} to resume")
-        super().__init__(f"preempted: wrote {checkpoint}; {then}")
+    def __init__(self, checkpoint: Path, signum: int, requeued: bool, reason: str = "") -> None:
+        self.checkpoint, self.signum, self.requeued, self.reason = checkpoint, signum, requeued, reason
+        name = signal.Signals(signum).name
+        if requeued:
+            then = "the job is requeued and resumes from it"
+        elif signum == signal.SIGTERM:
+            then = (f"resubmit with run.dir={checkpoint.parent} to resume (a job that SLURM requeues "
+                    f"after preempting it resumes from it by itself)")
+        else:
+            then = f"the job was not requeued ({reason}); resubmit with run.dir={checkpoint.parent} to resume"
+        super().__init__(f"stopped by {name}: wrote {checkpoint}; {then}")
+
+    @property
+    def exit_code(self) -> int:
+        """0 when requeued; 128 + 15 (as if killed) on SIGTERM; 3 when a requeue failed."""
+        if self.requeued:
+            return 0
+        return 128 + signal.SIGTERM if self.signum == signal.SIGTERM else 3
+
+
+def _no_sigterm_broadcast() -> None:
+    """Replaces Lightning's per-step SIGTERM broadcast: RequeueOnSignal handles SIGTERM."""
 
 
 class RequeueOnSignal(pl.Callback):
-    """Checkpoint at a step boundary agreed by all ranks, requeue, stop (see the module doc).
+    """Checkpoint at a step boundary agreed by all ranks on SIGUSR1 or SIGTERM; on SIGUSR1 also
+    requeue; then stop (see the module doc).
 
-    ``requeue``: the command rank 0 runs after the checkpoint (``scontrol requeue JOBID``), or
-    None to only checkpoint and stop.
+    ``requeue``: the command rank 0 runs after the checkpoint on SIGUSR1 (``scontrol requeue
+    JOBID`` under SLURM), or None to only checkpoint and stop.
     """
 
-    def __init__(self, run_dir: Path, requeue: Sequence[str] | None, signum: int = signal.SIGUSR1) -> None:
+    def __init__(self, run_dir: Path, requeue: Sequence[str] | None) -> None:
         self.run_dir = Path(run_dir)
         self.requeue = list(requeue) if requeue else None
-        self.signum = signum
         self._group = None
         self._pending: tuple[dist.Work, torch.Tensor] | None = None
 
-    def setup(self, trainer, pl_module, stage) -> None:
-        if stage != "fit":
-            return
-        listen(self.signum)
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Here, after Lightning installed its handlers (Trainer._run), to replace them; its
+        # teardown puts back the ones from before the fit.
+        listen(SIGNALS)
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            # A CPU group: the flag's all-reduce never touches the GPU stream (no host sync),
+            # A CPU group: the flags' all-reduce never touches the GPU stream (no host sync),
             # and it is a collective of its own, apart from DDP's gradient all-reduces.
             self._group = dist.new_group(backend="gloo")
+            loop = trainer.fit_loop.epoch_loop
+            if hasattr(loop, "_broadcast_sigterm_tensor"):  # Lightning >= 2.6; every rank alike
+                loop._broadcast_sigterm_tensor = _no_sigterm_broadcast
 
-    def _any_rank_signalled(self) -> bool:
-        mine = signalled()
+    def _received_anywhere(self) -> list[bool]:
+        """For each of SIGNALS: whether any rank received it (as of one step ago under DDP)."""
+        mine = [s in _received for s in SIGNALS]
         if self._group is None:
             return mine
-        agreed = False
+        agreed = [False] * len(SIGNALS)
         if self._pending is not None:
-            work, flag = self._pending
+            work, flags = self._pending
             work.wait()  # started a whole step ago: long done
-            agreed = bool(flag.numpy()[0])
+            agreed = [bool(v) for v in flags.numpy()]
             self._pending = None
-        if not agreed:
-            flag = torch.tensor([int(mine)], dtype=torch.int32)
-            self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
+        if not any(agreed):
+            flags = torch.tensor(mine, dtype=torch.int32)
+            self._pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flags)
         return agreed
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if not self._any_rank_signalled():
+        received = self._received_anywhere()
+        if not any(received):
             return
+        signum = SIGNALS[received.index(True)]  # USR1 first: it asks for a requeue
+        _received.clear()
         # The same path on every rank (rank 0's is the one written); decided before anyone writes.
-        path = next_hpc_path(self.run_dir)
-        if self._group is not None:
-            box = [str(path)]
-            dist.broadcast_object_list(box, src=0, group=self._group)
-            path = Path(box[0])
+        path = self._broadcast(next_hpc_path(self.run_dir))
         for logger in trainer.loggers:
             mark = getattr(logger, "mark_preempting", None)
             if callable(mark):
                 mark()
         trainer.save_checkpoint(path)  # every rank takes part; ends in a barrier
         requeued, reason = False, "no requeue command"
-        if self.requeue is not None:
+        if signum == signal.SIGUSR1 and self.requeue is not None:
             if trainer.is_global_zero:
                 requeued, reason = self._run_requeue()
-            if self._group is not None:
-                box = [(requeued, reason)]
-                dist.broadcast_object_list(box, src=0, group=self._group)
-                requeued, reason = box[0]
+            requeued, reason = self._broadcast((requeued, reason))
         if trainer.is_global_zero:
-            log.info("preempted at epoch %d, step %d: wrote %s; %s", trainer.current_epoch, trainer.global_step,
-                     path, "requeued the job" if requeued else f"did not requeue ({reason})")
-        raise Preempted(path, requeued, reason)
+            log.info("%s at epoch %d, step %d: wrote %s%s", signal.Signals(signum).name, trainer.current_epoch,
+                     trainer.global_step, path, "; requeued the job" if requeued else "")
+        raise Preempted(path, signum, requeued, reason)
+
+    def _broadcast(self, value):
+        """Rank 0's ``value`` on every rank."""
+        if self._group is None:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self._group)
+        return box[0]
 
     def _run_requeue(self) -> tuple[bool, str]:
         try:

@@ -119,11 +119,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Traine
     callbacks: list[pl.Callback] = []
     if alloc is not None:
         # Lightning's own USR1 handler checkpoints inside the signal handler and can deadlock
-        # DDP (trainer/preemption.py says how); ours checkpoints at a step every rank agrees on.
+        # DDP; RequeueOnSignal checkpoints at a step every rank agrees on (trainer/preemption.py).
         plugins.append(SLURMEnvironment(auto_requeue=False))
-        if for_fit:
-            preemption.listen()  # from now: SIGUSR1's default action would kill the process
-            callbacks.append(RequeueOnSignal(run_dir, requeue=preemption.requeue_command()))
+    if for_fit:
+        preemption.listen()  # from now: SIGUSR1's default action would end the process
+        requeue = preemption.requeue_command() if alloc is not None else None
+        callbacks.append(RequeueOnSignal(run_dir, requeue=requeue))
     tty = sys.stdout.isatty()
     loggers = []
     if for_fit:
