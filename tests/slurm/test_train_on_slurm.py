@@ -100,6 +100,14 @@ def test_submit_dry_run_quotes_every_value(tmp_path):
     assert not list(tmp_path.glob("pwned*"))
 
 
+def _wait_for_log(cluster, workdir: Path, job_id: int, text: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while text not in _logs(workdir, job_id):
+        assert time.time() < deadline, _logs(workdir, job_id)[-4000:]
+        assert cluster.show_job(job_id)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING")
+        time.sleep(0.2)
+
+
 def test_usr1_checkpoints_requeues_and_resumes_at_the_same_step(slurm_cluster, tiny_root, tmp_path):
     run_dir = tmp_path / "run"
     epochs, steps = 6, 64 // (2 * 4)
@@ -109,11 +117,7 @@ def test_usr1_checkpoints_requeues_and_resumes_at_the_same_step(slurm_cluster, t
                            "data.image_size=64", "data.val_resize=72", f"trainer.max_epochs={epochs}",
                            "trainer.log_every_n_steps=2", f"run.dir={run_dir}")
     assert proc.returncode == 0
-    deadline = time.time() + 240
-    while f"epoch 2/{epochs} step 4/" not in _logs(tmp_path, job_id):
-        assert time.time() < deadline, _logs(tmp_path, job_id)[-4000:]
-        assert slurm_cluster.show_job(job_id)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING")
-        time.sleep(0.2)
+    _wait_for_log(slurm_cluster, tmp_path, job_id, f"epoch 2/{epochs} step 4/")
     # What SLURM does --signal=USR1@N seconds before the time limit: signal the job steps.
     slurm_cluster.run("scancel", "--signal=USR1", str(job_id))
     job = slurm_cluster.wait_for_job(job_id, timeout=400)
@@ -121,7 +125,7 @@ def test_usr1_checkpoints_requeues_and_resumes_at_the_same_step(slurm_cluster, t
     assert job["JobState"] == "COMPLETED", logs[-4000:]
     assert job["Restarts"] == "1"
     hpc = run_dir / "hpc_ckpt_1.ckpt"
-    assert f"preempted: wrote {hpc}; the job is requeued and resumes from it" in logs
+    assert f"stopped by SIGUSR1: wrote {hpc}; the job is requeued and resumes from it" in logs
     assert "(restart 1)" in logs
     assert f"resuming from {hpc}" in logs
     ckpt = torch.load(hpc, map_location="cpu", weights_only=True)
@@ -132,3 +136,25 @@ def test_usr1_checkpoints_requeues_and_resumes_at_the_same_step(slurm_cluster, t
     # The resumed job continued the step count: no step repeated, none skipped.
     assert summary["global_step"] == epochs * steps and summary["epochs"] == epochs
     assert not list(run_dir.rglob(".*.tmp"))  # no half-written checkpoint left behind
+
+
+def test_scancel_checkpoints_every_rank_before_the_kill(slurm_cluster, tiny_root, tmp_path):
+    """scancel sends SIGTERM, then SIGKILL KillWait (5 s on the test cluster) later: the two ranks
+    agree on a step and write the checkpoint in between."""
+    run_dir = tmp_path / "run"
+    epochs, steps = 40, 64 // (2 * 4)  # fast steps (ResNet-20 at 32 px), enough of them to cancel mid-run
+    proc, job_id = _submit(slurm_cluster, tmp_path, "--nodes", "1", "--tasks-per-node", "2", *CPU_JOB,
+                           "experiment=smoke", f"data.root={tiny_root}", "data.batch_size=4",
+                           f"trainer.max_epochs={epochs}", "trainer.log_every_n_steps=2", f"run.dir={run_dir}")
+    assert proc.returncode == 0
+    _wait_for_log(slurm_cluster, tmp_path, job_id, f"epoch 2/{epochs} step 4/")
+    slurm_cluster.run("scancel", str(job_id))
+    job = slurm_cluster.wait_for_job(job_id, timeout=120)
+    logs = _logs(tmp_path, job_id)
+    assert job["JobState"] == "CANCELLED", logs[-4000:]
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    assert f"stopped by SIGTERM: wrote {hpc}" in logs, logs[-4000:]
+    ckpt = torch.load(hpc, map_location="cpu", weights_only=True)
+    position = ckpt["ImageNetDataModule"]
+    assert position["epoch"] >= 1 and ckpt["global_step"] == position["epoch"] * steps + position["batches_done"]
+    assert not list(run_dir.rglob(".*.tmp"))
