@@ -25,7 +25,6 @@ from trainer import preemption, slurm
 from trainer.callbacks import AtomicCheckpointIO, PlainProgress, ProgressBar, Throughput
 from trainer.config import ConfigError, apply_overrides, from_saved, require_data_root, to_dict, to_yaml, validate
 from trainer.models import build_model
-from trainer.preemption import RequeueOnSignal
 from trainer.module import Classifier
 
 log = logging.getLogger("imagenet_trainer")
@@ -124,7 +123,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Traine
     if for_fit:
         preemption.listen()  # from now: SIGUSR1's default action would end the process
         requeue = preemption.requeue_command() if alloc is not None else None
-        callbacks.append(RequeueOnSignal(run_dir, requeue=requeue))
+        callbacks.append(preemption.RequeueOnSignal(run_dir, requeue=requeue))
     tty = sys.stdout.isatty()
     loggers = []
     if for_fit:
