@@ -499,7 +499,8 @@ class Bench:
             raise RuntimeError(f"the fit ran {trainer.global_step} steps, fewer than the {self.timed_steps} timed")
         summarise(result, timer.windows, a.batch, a.steps)
         result.tflops = flops_per_image(row.arch, a.image_size) * result.images_per_sec / 1e12
-        result.note += f"data.backend={backend}, data dtype float32 (the DataModule's), all callbacks and loggers"
+        dtype = input_dtype(row.precision) if gpu else "float32"  # the DataModule's (ImageNetDataModule.gpu_dtype)
+        result.note += f"data.backend={backend}, data dtype {dtype}, all callbacks and loggers"
 
 
 class WindowTimer(pl.Callback):
@@ -590,14 +591,26 @@ def parse_args(argv=None):
     return args
 
 
+def parse_device(name: str) -> torch.device:
+    """``--device`` (auto, cpu, cuda or cuda:N) -> a torch.device. A CUDA device always carries its
+    index: ``torch.cuda.set_device`` and the memory statistics refuse a bare ``cuda``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {name}, but CUDA is not available here: use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = parse_device(args.device)
     if device.type == "cpu":  # the data threads and the model's share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.threads))
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda, but CUDA is not available here: use --device cpu")
         # What trainer.run.use_fast_gpu_math does for a fit on a GPU.
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")

@@ -40,7 +40,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_throughput import AUTOCAST, Clock, WindowTimer, environment  # noqa: E402
+from gpu_throughput import AUTOCAST, Clock, WindowTimer, environment, parse_device  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.module import param_groups, sgd_implementation, warmup_cosine  # noqa: E402
@@ -219,9 +219,7 @@ def parse_args(argv=None):
                    help="torch CPU threads (on a shared CPU, 1 avoids threads spinning while descheduled)")
     p.add_argument("--out", default=None, help="write OUT.md and OUT.json too")
     args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.device = torch.device(args.device)
+    args.device = parse_device(args.device)
     gpu = args.device.type == "cuda"
     defaults = dict(arch=("resnet50", "resnet18"), batch=(256, 16), image_size=(224, 112),
                     precision=("bf16-mixed", "32-true"), channels_last=(True, False), steps=(30, 10), warmup=(10, 3))

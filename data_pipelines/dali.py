@@ -87,15 +87,16 @@ def require_dali() -> None:
         raise ImportError(dali_import_error_message()) from _DALI_IMPORT_ERROR
 
 
-def _normalize(images, *, crop: int, dtype: str, mirror=None):
-    """HWC uint8 -> CHW, (x/255 - mean)/std, optional mirror; bfloat16 is cast later in torch."""
+def _normalize(images, *, crop: int, dtype: str, layout: str, mirror=None):
+    """HWC uint8 -> ``layout`` ("CHW" or "HWC"), (x/255 - mean)/std, optional mirror; bfloat16
+    is cast later in torch (DALI has no bfloat16 output)."""
     return fn.crop_mirror_normalize(
         images,
         crop=(crop, crop),
         mean=[m * 255 for m in IMAGENET_MEAN],
         std=[s * 255 for s in IMAGENET_STD],
         mirror=0 if mirror is None else mirror,
-        output_layout="CHW",
+        output_layout=layout,
         dtype=types.FLOAT16 if dtype == "float16" else types.FLOAT,
     )
 
@@ -120,6 +121,9 @@ def _mixed_decoder_hints(hw_decoder_load: float) -> dict[str, Any]:
         preallocate_width_hint=_PREALLOCATE_WIDTH_HINT,
         preallocate_height_hint=_PREALLOCATE_HEIGHT_HINT,
         hw_decoder_load=hw_decoder_load,
+        # nvJPEG's default chroma upsampling differs from libjpeg-turbo's (which the CPU decoder and
+        # Pillow use); the "fancy" one matches them, so dali_gpu and dali_cpu feed the same pixels.
+        jpeg_fancy_upsampling=True,
     )
 
 
@@ -167,6 +171,7 @@ def train_pipeline(
     crop: int = 224,
     device: str = "gpu",
     dtype: str = "float32",
+    channels_last: bool = False,
     hw_decoder_load: float = 0.65,
     use_mmap: bool = True,
 ):
@@ -174,7 +179,8 @@ def train_pipeline(
     as a region of interest, resized to ``crop`` x ``crop``, random flip.
 
     ``device="gpu"``: decoded by nvJPEG (``mixed``), resized, flipped and normalised on the GPU:
-    CHW in ``dtype``. ``device="cpu"``: decoded by libjpeg-turbo, resized and flipped by
+    CHW in ``dtype`` (HWC with ``channels_last``: the loader views it as a channels_last NCHW
+    tensor, so the model gets its memory layout without a copy). ``device="cpu"``: decoded by libjpeg-turbo, resized and flipped by
     :func:`_resize_and_flip`, and left **uint8** CHW (``dtype`` is not used): the consumer
     normalises on its device (:func:`data_pipelines.normalize`), which moves 4x fewer bytes
     and keeps the normalisation off the CPU when training runs on a GPU.
@@ -205,7 +211,7 @@ def train_pipeline(
     images = fn.resize(
         images, resize_x=crop, resize_y=crop, interp_type=types.INTERP_LINEAR, antialias=True
     )
-    images = _normalize(images, crop=crop, dtype=dtype, mirror=flip)
+    images = _normalize(images, crop=crop, dtype=dtype, layout=_layout(channels_last), mirror=flip)
     return images, labels_out.gpu()
 
 
@@ -218,12 +224,13 @@ def val_pipeline(
     val_resize: int = 256,
     device: str = "gpu",
     dtype: str = "float32",
+    channels_last: bool = False,
     hw_decoder_load: float = 0.65,
     use_mmap: bool = True,
 ):
     """Read ``files`` in order; shorter side to ``val_resize``, centre crop ``image_size``
-    (torchvision's Resize + CenterCrop), CHW: normalised in ``dtype`` on the GPU, uint8 on the
-    CPU (normalised by the consumer, as in :func:`train_pipeline`)."""
+    (torchvision's Resize + CenterCrop), CHW: normalised in ``dtype`` on the GPU (HWC with
+    ``channels_last``, as in :func:`train_pipeline`), uint8 on the CPU (normalised by the consumer)."""
     jpegs, labels_out = _reader(files, labels, use_mmap)
     gpu = device == "gpu"
     images = fn.decoders.image(
@@ -240,8 +247,12 @@ def val_pipeline(
             images, crop=(image_size, image_size), output_layout="CHW", dtype=types.UINT8
         )
         return images, labels_out
-    images = _normalize(images, crop=image_size, dtype=dtype)
+    images = _normalize(images, crop=image_size, dtype=dtype, layout=_layout(channels_last))
     return images, labels_out.gpu()
+
+
+def _layout(channels_last: bool) -> str:
+    return "HWC" if channels_last else "CHW"
 
 
 def pipeline_seed(seed: int, epoch: int, shard_id: int, start_step: int = 0) -> int:
@@ -258,6 +269,8 @@ class DALILoader:
     which are moved to ``output_device`` (default: the CPU) and normalised there, so a GPU that
     trains on DALI-CPU batches receives a quarter of the bytes and does the arithmetic itself;
     ``output_device=None`` yields them as uint8, for a caller that normalises them itself.
+    ``channels_last``: the images come in the channels_last memory format the model computes in
+    (made by DALI or by the normalisation, not by a copy of the batch).
 
     Training: ``len()`` full batches, the same on every rank; validation: this rank's contiguous
     slice once, the last batch possibly partial.
@@ -296,6 +309,7 @@ class DALILoader:
         hw_decoder_load: float = 0.65,
         use_mmap: bool = True,
         output_device: str | torch.device | None = "cpu",
+        channels_last: bool = False,
     ) -> None:
         require_dali()
         if len(files) != len(labels):
@@ -332,8 +346,9 @@ class DALILoader:
         self.prefetch = prefetch
         self.hw_decoder_load = hw_decoder_load
         self.use_mmap = use_mmap
-        if device == "gpu":
-            output_device = torch.device(device, device_id)
+        self.channels_last = channels_last
+        if device == "gpu":  # DALI's device name is "gpu", torch's "cuda"
+            output_device = torch.device("cuda", device_id)
         self.output_device = None if output_device is None else torch.device(output_device)
         self._epoch = 0
         self._step = 0
@@ -394,6 +409,13 @@ class DALILoader:
         return idx, self._step
 
     def _build(self, files: list[str], labels: list[int], start_step: int):
+        pipe = self.pipeline(files, labels, start_step)
+        pipe.build()
+        return pipe
+
+    def pipeline(self, files: list[str], labels: list[int], start_step: int = 0):
+        """The DALI pipeline this loader runs over ``files`` from ``start_step``, not built yet
+        (building a GPU pipeline needs CUDA; defining its graph does not)."""
         common = dict(
             batch_size=self.batch_size,
             num_threads=self.num_threads,
@@ -402,6 +424,7 @@ class DALILoader:
             prefetch_queue_depth=self.prefetch,
             device=self.device,
             dtype=self.dtype,
+            channels_last=self.channels_last,
             hw_decoder_load=self.hw_decoder_load,
             use_mmap=self.use_mmap,
         )
@@ -409,7 +432,6 @@ class DALILoader:
             pipe = train_pipeline(files, labels, crop=self.image_size, **common)
         else:
             pipe = val_pipeline(files, labels, image_size=self.image_size, val_resize=self.val_resize, **common)
-        pipe.build()
         return pipe
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -422,7 +444,7 @@ class DALILoader:
         pipe = self._pipe = self._build(files, self.labels[idx].tolist(), start)
         batches = None
         try:
-            while True:
+            while step < steps:
                 try:
                     if batches is None:  # its constructor already runs the pipeline
                         batches = self._iter = DALIGenericIterator(
@@ -446,20 +468,28 @@ class DALILoader:
                 step += 1
                 if self.train:  # the position moves when a batch is handed out
                     self._epoch, self._step = (self._epoch + 1, 0) if step == steps else (self._epoch, step)
-                images, labels = out["images"], out["labels"].reshape(-1).long()
-                if images.dtype == torch.uint8 and self.output_device is not None:  # the CPU pipelines
-                    images = normalize(images.to(self.output_device, non_blocking=True), _DTYPES[self.dtype])
-                    labels = labels.to(self.output_device, non_blocking=True)
-                elif self.dtype == "bfloat16":  # DALI has no bfloat16 output
-                    images = images.to(torch.bfloat16)
-                yield images, labels
+                batch = model_batch(
+                    out["images"], out["labels"], dtype=_DTYPES[self.dtype], channels_last=self.channels_last,
+                    device=self.output_device,
+                )
+                if step == steps:
+                    # The last batch: free the pipeline (its threads, and the decoder's pinned host
+                    # and device buffers, GBs with the mixed decoder) now, before the consumer
+                    # validates or starts the next epoch, rather than when it asks past the end.
+                    # The batch's tensors stay valid: DALI's outputs live as long as they are referenced.
+                    batches = None
+                    self._release(pipe)
+                yield batch
         finally:
             # Only this iteration's pipeline: an abandoned iterator may be collected after a
             # newer one started.
-            if self._pipe is pipe:
-                self.release()
-            else:
-                pipe._shutdown()  # noqa: SLF001
+            self._release(pipe)
+
+    def _release(self, pipe) -> None:
+        if self._pipe is pipe:
+            self.release()
+        else:
+            pipe._shutdown()  # noqa: SLF001 - idempotent: a second call does nothing
 
     def release(self) -> None:
         """Free the current pipeline (its threads and buffers) now rather than at GC."""
@@ -467,6 +497,51 @@ class DALILoader:
         if self._pipe is not None:
             self._pipe._shutdown()  # noqa: SLF001 - frees it while the iterator still refers to it
             self._pipe = None
+
+
+def model_batch(
+    images: torch.Tensor, labels: torch.Tensor, *, dtype: torch.dtype, channels_last: bool,
+    device: torch.device | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DALI output -> the batch the model consumes, with at most one pass over the images.
+
+    From a GPU pipeline, ``images`` are normalised already: NCHW, or NHWC with ``channels_last``,
+    which becomes an NCHW *view* with channels_last strides (no copy); only bfloat16 is cast here
+    (DALI has no bfloat16 output), keeping the layout. From a CPU pipeline they are uint8 NCHW:
+    sent to ``device`` (``None``: handed over as they are) and normalised there in one pass,
+    straight into ``dtype`` and the layout.
+    """
+    labels = labels.reshape(-1)
+    if images.dtype == torch.uint8:
+        if device is None:
+            return images, labels.long()
+        images, labels = _to_device(images, device), _to_device(labels, device)
+        return normalize(images, dtype, channels_last=channels_last), labels.long()
+    if channels_last:
+        images = images.permute(0, 3, 1, 2)
+    if images.dtype != dtype:
+        images = images.to(dtype)  # preserve_format: a channels_last view stays channels_last
+    return images, labels.long()
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (host memory) on ``device``, copied without making the host wait for the GPU."""
+    return _pinned(tensor, device).to(device, non_blocking=True)
+
+
+def _pinned(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` in page-locked memory when it is bound for a CUDA device.
+
+    A "non_blocking" copy from pageable memory is synchronous: the host first waits for the GPU to
+    finish everything queued on the stream, then copies, so loading the next batch would no longer
+    overlap the running step. From pinned memory it is a DMA the host does not wait for. DALI's CPU
+    outputs are pageable (its pipeline has no CUDA device); ``pin_memory()`` takes a block from
+    torch's caching host allocator, which hands it out again only after the copies reading it
+    have finished on the GPU.
+    """
+    if device.type == "cuda" and not tensor.is_pinned():
+        return tensor.pin_memory()
+    return tensor
 
 
 class _EpochSetter:

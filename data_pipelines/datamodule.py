@@ -74,6 +74,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         synthetic_size: int = 1281167,
         num_classes: int | None = None,
         gpu_dtype: str = "float32",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.root = root
@@ -92,6 +93,9 @@ class ImageNetDataModule(pl.LightningDataModule):
         # What dali_gpu emits: the dtype the model computes in (bf16/fp16 under mixed precision),
         # so no cast runs on the step's critical path. DALI on the CPU stays float32 (faster there).
         self.gpu_dtype = gpu_dtype
+        # The model's memory format, produced by the DALI loaders themselves: the model's own
+        # conversion then finds the batch in that format already and copies nothing.
+        self.channels_last = channels_last
         self._resume: dict | None = None  # data position restored from a checkpoint
         if self.backend != "synthetic" and not root:
             raise ValueError("data.root is not set: pass data.root=/path/to/imagenet")
@@ -200,4 +204,5 @@ class ImageNetDataModule(pl.LightningDataModule):
             val_resize=self.val_resize, shard_id=rank, num_shards=world, seed=self.seed,
             device="gpu" if on_gpu else "cpu", device_id=device_id, num_threads=max(1, self.num_workers),
             dtype=self.gpu_dtype if self.on_gpu else "float32", output_device=output_device,
+            channels_last=self.channels_last,
         )

@@ -109,6 +109,49 @@ def test_training_steps_make_no_host_sync(tmp_path, monkeypatch):
     assert not to_device, f"python numbers copied to the device every step: {to_device}"
 
 
+def test_validation_steps_make_no_host_sync(tmp_path, monkeypatch):
+    """Validation steps 2-5 of our validate (trainer.run's Classifier and Trainer): no op that reads a
+    value back and no python number copied to the device. Before, each step copied its image count
+    to the device (torch.tensor(float(n), device=...)) and SumMetric's NaN check read a value back."""
+    import pytorch_lightning as pl
+
+    from trainer.config import load_config
+    from trainer.run import build_datamodule, build_module, build_trainer
+
+    cfg = load_config([
+        "data.backend=synthetic", "data.batch_size=4", "data.image_size=32", "data.val_resize=32",
+        "data.num_workers=0", "model.arch=resnet20", "model.num_classes=10", "trainer.accelerator=cpu",
+        "trainer.limit_val_batches=7", "logger.wandb.mode=disabled", f"run.dir={tmp_path / 'run'}",
+    ])
+    recorder = _OpRecorder()
+    to_device = []
+    real_tensor = torch.tensor
+
+    def tensor(data, *args, **kwargs):
+        if isinstance(data, (int, float, bool)) and "device" in kwargs:
+            to_device.append(data)
+        return real_tensor(data, *args, **kwargs)
+
+    class Watch(pl.Callback):
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            if batch_idx == 1:
+                monkeypatch.setattr(torch, "tensor", tensor)
+                recorder.__enter__()
+            elif batch_idx == 5:
+                recorder.__exit__(None, None, None)
+                monkeypatch.setattr(torch, "tensor", real_tensor)
+
+    dm = build_datamodule(cfg)
+    trainer = build_trainer(cfg, tmp_path / "run", for_fit=False)
+    trainer.callbacks.append(Watch())
+    (metrics,) = trainer.validate(build_module(cfg, dm.classes), datamodule=dm, verbose=False)
+    assert metrics["val/images"] == 7 * 4
+    assert any("conv" in op for op in recorder.ops)  # the recorder saw the steps (conv2d under inference_mode)
+    syncing = sorted({op for op in recorder.ops if any(s in op for s in HOST_SYNC_OPS)})
+    assert not syncing, f"host syncs inside validation steps: {syncing}"
+    assert not to_device, f"python numbers copied to the device every step: {to_device}"
+
+
 def test_progress_bar_shows_the_loss_it_no_longer_gets_from_prog_bar(tmp_path):
     import pytorch_lightning as pl
 

@@ -8,6 +8,7 @@ import math
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -40,17 +41,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def sgd_implementation(params) -> dict[str, bool]:
+def sgd_implementation(params, *, clip_under_amp: bool = False) -> dict[str, bool]:
     """``{"fused": True}`` when every parameter is on a CUDA device, else ``{"foreach": True}``.
 
     Fused SGD updates all parameters in one kernel, and under a GradScaler (16-mixed) it reads the
     inf check on the device instead of with ``.item()``: no host sync per step. Elsewhere the
     multi-tensor (foreach) path is the fastest one torch has.
+
+    ``clip_under_amp``: gradients are clipped under mixed precision (bf16-mixed or 16-mixed). Then
+    foreach too: Lightning's MixedPrecision plugin refuses to clip for an optimizer that unscales
+    inside its own step (``_step_supports_amp_scaling``, which fused SGD sets), failing the first step.
     """
     params = list(params)
-    if params and all(p.device.type == "cuda" for p in params):
+    if params and all(p.device.type == "cuda" for p in params) and not clip_under_amp:
         return {"fused": True}
     return {"foreach": True}
+
+
+def clips_under_amp(trainer: pl.Trainer) -> bool:
+    """Whether ``trainer`` clips gradients under a mixed-precision (autocast) plugin."""
+    return bool(trainer.gradient_clip_val) and isinstance(trainer.precision_plugin, MixedPrecision)
 
 
 class Classifier(pl.LightningModule):
@@ -88,7 +98,9 @@ class Classifier(pl.LightningModule):
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         # Counts the images validated over all ranks: shows that none is counted twice.
-        self.val_images = SumMetric()
+        # nan_strategy="disable": the default NaN check reads a value back (a GPU sync) every step,
+        # and a count cannot be NaN.
+        self.val_images = SumMetric(nan_strategy="disable")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -119,7 +131,8 @@ class Classifier(pl.LightningModule):
         n = labels.shape[0]
         self.val_top1.update(logits, labels)
         self.val_top5.update(logits, labels)
-        self.val_images.update(torch.tensor(float(n), device=logits.device))
+        # Made on the device (a fill), not copied from the host: no blocking transfer per step.
+        self.val_images.update(torch.full((), n, dtype=torch.float32, device=logits.device))
         self.log("val/loss", self.criterion(logits, labels), on_epoch=True, sync_dist=True, batch_size=n)
         # Metric objects sync their states across ranks at compute(): exact under DDP.
         self.log("val/top1", self.val_top1, on_epoch=True, prog_bar=True, batch_size=n)
@@ -144,7 +157,7 @@ class Classifier(pl.LightningModule):
             momentum=self.hparams.momentum,
             nesterov=self.hparams.nesterov,
             # Lightning has moved the model to its device before it calls this hook.
-            **sgd_implementation(self.model.parameters()),
+            **sgd_implementation(self.model.parameters(), clip_under_amp=clips_under_amp(self.trainer)),
         )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs)

@@ -71,6 +71,7 @@ def build_datamodule(cfg: DictConfig) -> ImageNetDataModule:
         synthetic_size=d.synthetic_size,
         num_classes=cfg.model.num_classes,
         gpu_dtype=input_dtype(cfg.trainer.precision),
+        channels_last=cfg.model.channels_last,
     )
 
 
