@@ -269,7 +269,7 @@ def synthetic_batches(batch: int, image_size: int, device: torch.device):
         yield images, labels
 
 
-def dali_loader(args, device: torch.device, files, labels, dtype: str):
+def dali_loader(args, device: torch.device, files, labels, dtype: str, channels_last: bool):
     from data_pipelines.dali import DALILoader
 
     on_gpu = device.type == "cuda"
@@ -277,6 +277,7 @@ def dali_loader(args, device: torch.device, files, labels, dtype: str):
         files, labels, train=True, batch_size=args.batch, image_size=args.image_size,
         val_resize=args.image_size, seed=0, device="gpu" if on_gpu else "cpu",
         device_id=(device.index or 0) if on_gpu else None, num_threads=args.threads, dtype=dtype,
+        channels_last=channels_last,  # as the DataModule of a fit gives it: no layout copy per step
     )
 
 
@@ -422,7 +423,7 @@ class Bench:
         else:
             files, labels = train_files(self.tree())
             if row.data == "dali":
-                loader = dali_loader(a, self.device, files, labels, input_dtype(row.precision))
+                loader = dali_loader(a, self.device, files, labels, input_dtype(row.precision), row.channels_last)
             else:
                 from data_pipelines.torchvision_loader import build_train_loader
 
@@ -447,7 +448,7 @@ class Bench:
     def _pipeline(self, row: Row, result: Result) -> None:
         a = self.args
         files, labels = train_files(self.tree())
-        loader = dali_loader(a, self.device, files, labels, input_dtype(row.precision))
+        loader = dali_loader(a, self.device, files, labels, input_dtype(row.precision), row.channels_last)
         batches = iter(loader)
         try:
             for _ in range(a.warmup):
@@ -565,7 +566,7 @@ def goal_line(results: list[Result]) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda, cuda:N or cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda or cpu; another GPU: CUDA_VISIBLE_DEVICES")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--batch", type=int, default=256, help="images per step (per GPU)")
     p.add_argument("--image-size", type=int, default=224)
@@ -592,7 +593,7 @@ def parse_args(argv=None):
 
 
 def parse_device(name: str) -> torch.device:
-    """``--device`` (auto, cpu, cuda or cuda:N) -> a torch.device. A CUDA device always carries its
+    """``--device`` (auto, cpu, cuda or cuda:0) -> a torch.device. A CUDA device always carries its
     index: ``torch.cuda.set_device`` and the memory statistics refuse a bare ``cuda``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -600,8 +601,12 @@ def parse_device(name: str) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit(f"--device {name}, but CUDA is not available here: use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index not in (None, 0):
+            # The Lightning rows train on trainer.devices=1, i.e. GPU 0, and set it as the current
+            # device: another index would time two GPUs in one table.
+            raise SystemExit(f"--device {name}: choose the GPU with CUDA_VISIBLE_DEVICES={device.index} and --device cuda")
+        # Not torch.cuda.current_device(): it would start CUDA before the JPEG writers are forked.
+        device = torch.device("cuda", 0)
     return device
 
 

@@ -203,7 +203,7 @@ def count_syncs(name: str, args, cfg, run_dir: Path, images, labels, steps: int 
 # -- main ------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda, cuda:N or cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cuda or cpu; another GPU: CUDA_VISIBLE_DEVICES")
     p.add_argument("--arch", default=None, help="default resnet50 on a GPU, resnet18 on the CPU")
     p.add_argument("--batch", type=int, default=None, help="default 256 on a GPU, 16 on the CPU")
     p.add_argument("--image-size", type=int, default=None, help="default 224 on a GPU, 112 on the CPU")

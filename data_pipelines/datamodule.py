@@ -20,6 +20,7 @@ import logging
 from functools import cached_property
 
 import pytorch_lightning as pl
+import torch
 
 from data_pipelines import layout
 from data_pipelines.sharding import steps_per_epoch
@@ -188,6 +189,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             num_batches=num_batches, batch_size=self.batch_size, image_size=self.image_size,
             num_classes=len(self.classes), seed=self.seed,
             device=self.trainer.strategy.root_device if (self.on_gpu and self.trainer is not None) else "cpu",
+            dtype=getattr(torch, self.gpu_dtype) if self.on_gpu else torch.float32, channels_last=self.channels_last,
         )
 
     def _dali(self, split: layout.Split, *, train: bool, rank: int, world: int):

@@ -201,9 +201,3 @@ def test_gpu_throughput_runs_on_the_cpu_with_tiny_sizes(tmp_path):
         assert rows["dali"]["images_per_sec"] > 0 and rows["dali-alone"]["images_per_sec"] > 0
     else:
         assert rows["dali"]["note"].startswith("skipped: DALI")
-
-
-@pytest.mark.parametrize("script", ["device_check.sh", "fetch_device_wheels.sh"])
-def test_shell_scripts_parse(script):
-    proc = subprocess.run(["bash", "-n", str(REPO / "bench" / script)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr

@@ -210,11 +210,14 @@ def test_bench_cuda_device_carries_an_index_set_device_accepts(pretend_cuda, mon
     bench = _bench_module()
     set_to = []
     monkeypatch.setattr(torch._C, "_cuda_setDevice", set_to.append)
-    for name, index in (("cuda", 0), ("auto", 0), ("cuda:0", 0)):
+    for name in ("cuda", "auto", "cuda:0"):
         device = bench.parse_device(name)
-        assert device == torch.device("cuda", index)
+        assert device == torch.device("cuda", 0)
         torch.cuda.set_device(device)
     assert set_to == [0, 0, 0]
+    # The Lightning rows train on GPU 0: another index would time two GPUs in one table.
+    with pytest.raises(SystemExit, match="CUDA_VISIBLE_DEVICES=1"):
+        bench.parse_device("cuda:1")
 
 
 def test_bench_device_without_cuda(monkeypatch):
@@ -284,6 +287,33 @@ def test_clipping_in_full_precision_keeps_fused_sgd(tmp_path, monkeypatch):
     assert trainer.optimizers[0].defaults["fused"] is True
 
 
+def test_a_16_mixed_resume_keeps_the_sgd_implementation_it_chose(tmp_path, monkeypatch):
+    """A checkpoint written with foreach SGD (clipping on, or a CPU run) resumed by a GPU run that
+    chooses fused SGD: loading the optimizer state used to bring back the saved ``foreach`` flag,
+    so the fused-announcing optimizer took the foreach path under the GradScaler and failed its
+    first step ("Expected grad_scale and found_inf to be None")."""
+    from data_pipelines.synthetic import SyntheticLoader
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    def fit(clip, ckpt_path=None, epochs=1):
+        module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, lr=0.1, momentum=0.9)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, gradient_clip_val=clip, default_root_dir=tmp_path,
+                             plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
+        trainer.fit(module, SyntheticLoader(num_batches=2, batch_size=4, image_size=32, num_classes=4, seed=0),
+                    ckpt_path=ckpt_path)
+        return trainer
+
+    _as_if_on_cuda(monkeypatch)
+    first = fit(clip=1.0)
+    assert first.optimizers[0].defaults["foreach"] is True
+    ckpt = tmp_path / "clipped.ckpt"
+    first.save_checkpoint(ckpt)
+    resumed = fit(clip=None, ckpt_path=str(ckpt), epochs=2)
+    assert resumed.global_step == 4
+    assert all(g["fused"] is True and not g["foreach"] for g in resumed.optimizers[0].param_groups)
+
+
 def test_a_gpu_fit_builds_its_trainer_module_and_data(pretend_cuda, tiny_root, tmp_path, monkeypatch):
     """trainer.run's builders for a bf16 dali_gpu fit with clipping, channels_last and 16 threads:
     the Trainer gets the GPU accelerator and bf16 plugin, the DataModule chooses dali_gpu in
@@ -322,3 +352,16 @@ def test_a_gpu_fit_builds_its_trainer_module_and_data(pretend_cuda, tiny_root, t
     model = module.to("meta")
     out = model(torch.empty(4, 3, 32, 32, device="meta").contiguous(memory_format=torch.channels_last))
     assert out.shape == (4, len(dm.classes))
+
+
+def test_synthetic_gpu_batches_come_in_the_models_dtype_and_layout():
+    """The synthetic backend times the model alone: its batch is made once in the dtype and memory
+    format the model consumes, so no step pays a cast or a layout copy."""
+    from data_pipelines.datamodule import ImageNetDataModule
+
+    dm = ImageNetDataModule(root=None, backend="synthetic", on_gpu=True, batch_size=4, image_size=32, val_resize=32,
+                            num_workers=0, seed=0, synthetic_size=16, num_classes=4, gpu_dtype="bfloat16",
+                            channels_last=True)
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.dtype == torch.bfloat16 and images.is_contiguous(memory_format=torch.channels_last)
+    assert labels.dtype == torch.int64

@@ -58,6 +58,23 @@ def sgd_implementation(params, *, clip_under_amp: bool = False) -> dict[str, boo
     return {"foreach": True}
 
 
+def keep_implementation(optimizer: torch.optim.Optimizer, impl: dict[str, bool]) -> None:
+    """Keep the implementation chosen for this run when a checkpoint's optimizer state is loaded.
+
+    ``load_state_dict`` restores each group's saved ``fused``/``foreach`` flags, while the optimizer
+    still announces, from its construction, whether it unscales inside its step. A run resumed
+    from a checkpoint written with the other implementation (a CPU run, or clipping turned off on
+    resume) would then fail its first 16-mixed step ("Expected grad_scale and found_inf to be None").
+    """
+    flags = {"fused": impl.get("fused"), "foreach": impl.get("foreach")}
+
+    def restore(opt: torch.optim.Optimizer) -> None:
+        for group in opt.param_groups:
+            group.update(flags)
+
+    optimizer.register_load_state_dict_post_hook(restore)
+
+
 def clips_under_amp(trainer: pl.Trainer) -> bool:
     """Whether ``trainer`` clips gradients under a mixed-precision (autocast) plugin."""
     return bool(trainer.gradient_clip_val) and isinstance(trainer.precision_plugin, MixedPrecision)
@@ -151,14 +168,16 @@ class Classifier(pl.LightningModule):
         return self.hparams.lr * global_batch / 256
 
     def configure_optimizers(self):
+        # Lightning has moved the model to its device before it calls this hook.
+        impl = sgd_implementation(self.model.parameters(), clip_under_amp=clips_under_amp(self.trainer))
         optimizer = torch.optim.SGD(
             param_groups(self.model, self.hparams.weight_decay),
             lr=self.peak_lr(),
             momentum=self.hparams.momentum,
             nesterov=self.hparams.nesterov,
-            # Lightning has moved the model to its device before it calls this hook.
-            **sgd_implementation(self.model.parameters(), clip_under_amp=clips_under_amp(self.trainer)),
+            **impl,
         )
+        keep_implementation(optimizer, impl)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs)
         warmup_steps = int(round(self.hparams.warmup_epochs * steps_per_epoch))
