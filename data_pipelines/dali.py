@@ -277,12 +277,14 @@ class DALILoader:
 
     The loader tracks its position: after the last batch of epoch ``e`` it stands at epoch
     ``e + 1``, so iterating it again gives the next epoch without ``set_epoch``.
-    ``state_dict()`` is ``{"epoch", "step"}`` with ``step`` the batches of that epoch handed out
-    so far; a loader given it by ``load_state_dict`` feeds exactly the batches not yet fed.
-    (Lightning calls these two itself and, because the loader has a length, does not fetch ahead,
-    so "handed out" equals "trained on" at every checkpoint.) Validation always reads its whole
-    slice. The pipeline is built lazily, at the first batch requested, so ``set_epoch`` or
-    ``load_state_dict`` called after ``iter()`` but before the first batch still count.
+    ``position()`` is ``(epoch, step)`` with ``step`` the batches of that epoch handed out so far;
+    ``seek(epoch, step)`` makes it feed that epoch from batch ``step``. A resumed fit does not use
+    the handed-out count: a batch is handed out before its step runs, and a checkpoint may be
+    written in between. The DataModule saves the batches *trained* and seeks to that
+    (``ImageNetDataModule.state_dict``). The loader has no ``state_dict``, so Lightning keeps no
+    second, disagreeing position. Validation always reads its whole slice. The pipeline is built
+    lazily, at the first batch requested, so ``set_epoch`` or ``seek`` called after ``iter()``
+    but before the first batch still count.
 
     Random crops and flips come from a DALI seed derived from (``seed``, epoch, ``shard_id``, first
     step): the same run gives the same batches; a resumed epoch feeds the same images as the
@@ -378,13 +380,15 @@ class DALILoader:
         if epoch != self._epoch:
             self._epoch, self._step = epoch, 0
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "step": self._step}
+    def position(self) -> tuple[int, int]:
+        """(epoch, batches of it handed out so far)."""
+        return self._epoch, self._step
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        epoch, step = int(state["epoch"]), int(state["step"])
+    def seek(self, epoch: int, step: int) -> None:
+        """Feed ``epoch`` from its batch ``step`` next (``step == len(self)``: the next epoch)."""
+        epoch, step = int(epoch), int(step)
         if not 0 <= step <= len(self):
-            raise ValueError(f"loader state step={step} is outside [0, {len(self)}] batches per epoch")
+            raise ValueError(f"loader position step={step} is outside [0, {len(self)}] batches per epoch")
         self._epoch, self._step = epoch, step
         if self.train and step == len(self):
             self._epoch, self._step = epoch + 1, 0

@@ -5,10 +5,10 @@
 or ``auto``: dali_gpu when training on a GPU with DALI installed, dali_cpu when DALI is installed
 but there is no GPU, torchvision when DALI cannot be imported.
 
-The training position survives a resume: the torchvision loader through this module's
-``state_dict`` (epoch, batches done), the DALI loader through its own ``state_dict``, which
-Lightning saves with the fit loop. Either way a resumed epoch feeds exactly the images that the
-interrupted one had not fed.
+The training position survives a resume, the same way for every backend: this module's
+``state_dict`` (epoch, batches trained) goes into each checkpoint and, on resume, positions the
+training loader, so a resumed epoch feeds exactly the images that the interrupted one had not
+trained on.
 
 Loaders are built in the ``*_dataloader`` hooks, where the trainer knows the global rank and world
 size (DALI pipelines cannot be pickled to other processes anyway). Shard = global rank, never the
@@ -130,16 +130,21 @@ class ImageNetDataModule(pl.LightningDataModule):
     # --- data position: saved in every checkpoint ---------------------------------------------
 
     def state_dict(self) -> dict:
-        """The epoch and the number of its batches whose step completed.
+        """The data position, one contract for every backend: the epoch, and the number of its
+        batches whose training step has run when the checkpoint is written.
 
-        Lightning saves this in each checkpoint; on resume it restores its own batch counter to
-        the same number and restarts the epoch, so the training loader must skip exactly those
-        batches (and no more) to feed each image of the epoch once.
+        Lightning saves this in each checkpoint. Its counter ``processed`` moves when a batch's
+        step (forward, backward, optimizer) is done, so it is right wherever the checkpoint is
+        written: at a step's start (trainer/preemption.py: the batch just fetched is not trained
+        yet and must be fed again), at a step's end (ModelCheckpoint: that batch is trained), or at
+        the epoch's end. What the loader fetched ahead does not count: on resume the training
+        loader skips exactly ``batches_done`` batches of the epoch, then feeds the rest.
+        (``completed``, the other counter, lags by one inside ``on_train_batch_end``.)
         """
         trainer = self.trainer
         if trainer is None:
             return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"epoch": trainer.current_epoch, "batches_done": int(done)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -166,7 +171,10 @@ class ImageNetDataModule(pl.LightningDataModule):
                 num_workers=self.num_workers, seed=self.seed, shard_id=rank, num_shards=world,
                 resume=self._resume_position(),
             )
-        return self._dali(split, train=True, rank=rank, world=world)
+        loader = self._dali(split, train=True, rank=rank, world=world)
+        if (position := self._resume_position()) is not None:
+            loader.seek(*position)
+        return loader
 
     def val_dataloader(self):
         rank, world = self._rank_world()
