@@ -1,12 +1,13 @@
 """One rank of a 2-process DDP (gloo) fit with RequeueOnSignal, launched by tests/test_preemption.py
 as srun would: a separate process per rank, each receiving its own signals.
 
-    python tests/_preempt_rank.py ROOT OUT RANK PORT SIGNAL_AT [RESUME_CKPT]
+    python tests/_preempt_rank.py ROOT OUT RANK PORT SIGNAL_AT BACKEND [RESUME_CKPT]
 
 SIGNAL_AT = "RANK:BATCH:SIG" makes that rank send SIGSIG (USR1 or TERM) to itself, and only
-itself, at the end of that batch of epoch 0; "-" sends none. Writes OUT/rank{RANK}.json: how fit
-ended, the labels of every batch it trained on, and the ops of batches 2-5 that make the host
-wait for a GPU.
+itself, at the end of that batch of epoch 0; "-" sends none. BACKEND is data.backend (torchvision
+or dali_cpu). Writes OUT/rank{RANK}.json: how fit ended, the labels of every batch it trained on
+(with one image per class, the sample ids), and the ops of batches 2-5 that make the host wait
+for a GPU.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import signal
 import sys
 from pathlib import Path
 
-root, out, rank, port, signal_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-resume = sys.argv[6] if len(sys.argv) > 6 else None
+root, out, rank, port, signal_at, backend = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+resume = sys.argv[7] if len(sys.argv) > 7 else None
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", NODE_RANK="0", LOCAL_RANK=str(rank))
 
 import pytorch_lightning as pl  # noqa: E402
@@ -52,9 +53,10 @@ class Record(pl.Callback):
 
 pl.seed_everything(0)
 record = Record()
-dm = ImageNetDataModule(root=root, backend="torchvision", on_gpu=False, batch_size=4, image_size=32, val_resize=32,
+dm = ImageNetDataModule(root=root, backend=backend, on_gpu=False, batch_size=2, image_size=32, val_resize=32,
                         num_workers=1, seed=3, filelist_cache=False)  # decoding (it reads values) outside the recorder
-module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, lr=0.1, momentum=0.9)
+classes = len(dm.classes)
+module = Classifier(build_model("resnet20", classes), num_classes=classes, batch_size=2, lr=0.1, momentum=0.9)
 trainer = pl.Trainer(accelerator="cpu", devices=2, num_nodes=1, strategy="ddp", max_epochs=2, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                      callbacks=[RequeueOnSignal(out, requeue=REQUEUE), record], use_distributed_sampler=False,

@@ -31,13 +31,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_ranks(root: Path, out: Path, signal_at: str, resume: Path | None = None, timeout: float = 240) -> list[dict]:
+@pytest.fixture(scope="module")
+def ids_root(tmp_path_factory) -> Path:
+    """32 classes of one train image each: a batch's labels are the ids of the images in it."""
+    from data_pipelines.sample import make_sample_tree
+
+    return make_sample_tree(tmp_path_factory.mktemp("ids"), num_classes=32, train_per_class=1, val_per_class=1,
+                            image_size=(32, 32))
+
+
+def _needs(backend: str) -> None:
+    if backend.startswith("dali"):
+        from data_pipelines.dali import dali_available, dali_import_error_message
+
+        if not dali_available():
+            pytest.skip(dali_import_error_message())
+
+
+BACKENDS = ["torchvision", "dali_cpu"]
+
+
+def _run_ranks(root: Path, out: Path, signal_at: str, resume: Path | None = None, timeout: float = 240,
+               backend: str = "torchvision") -> list[dict]:
     """Both ranks as separate processes (as srun starts them); their results."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     port = str(_free_port())
     procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(root), str(out), str(rank), port, signal_at,
+        subprocess.Popen([sys.executable, str(WORKER), str(root), str(out), str(rank), port, signal_at, backend,
                           *([str(resume)] if resume else [])],
                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for rank in (0, 1)
@@ -54,9 +75,21 @@ def _run_ranks(root: Path, out: Path, signal_at: str, resume: Path | None = None
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
-def test_usr1_to_one_rank_stops_both_at_one_step_and_the_resume_is_exact(tiny_root, tmp_path):
-    steps = 64 // (2 * 4)  # 64 train images, 2 ranks x batch 4
-    full = _run_ranks(tiny_root, tmp_path / "full", "-")
+_FULL: dict[str, list[dict]] = {}
+
+
+def _uninterrupted(root: Path, tmp_path_factory, backend: str) -> list[dict]:
+    """Both ranks of an uninterrupted job, once per test session (it is deterministic)."""
+    if backend not in _FULL:
+        _FULL[backend] = _run_ranks(root, tmp_path_factory.mktemp(f"full-{backend}"), "-", backend=backend)
+    return _FULL[backend]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_usr1_to_one_rank_stops_both_at_one_step_and_the_resume_is_exact(ids_root, tmp_path, tmp_path_factory, backend):
+    _needs(backend)
+    steps = 32 // (2 * 2)  # 32 train images, 2 ranks x batch 2
+    full = _uninterrupted(ids_root, tmp_path_factory, backend)
     assert [r["ended"] for r in full] == ["finished"] * 2
     assert [len(r["seen"]) for r in full] == [2 * steps] * 2
     # DDP steps make no host sync either (Lightning's own per-step SIGTERM broadcast read one back).
@@ -66,7 +99,7 @@ def test_usr1_to_one_rank_stops_both_at_one_step_and_the_resume_is_exact(tiny_ro
     # Only rank 1 is signalled, after its batch 2, while rank 0 is elsewhere. Lightning's handler
     # would save (ending in a barrier) on rank 1 alone: a deadlock.
     run = tmp_path / "run"
-    first = _run_ranks(tiny_root, run, "1:2:USR1")
+    first = _run_ranks(ids_root, run, "1:2:USR1", backend=backend)
     ckpt = run / "hpc_ckpt_1.ckpt"
     assert [r["ended"] for r in first] == ["SIGUSR1"] * 2
     assert [r["checkpoint"] for r in first] == [str(ckpt)] * 2
@@ -74,22 +107,25 @@ def test_usr1_to_one_rank_stops_both_at_one_step_and_the_resume_is_exact(tiny_ro
     assert [r["exit_code"] for r in first] == [0, 0]
     assert (run / "requeued").read_text() == "0\n"  # rank 0 ran the requeue command, once
     # Rank 1's flag joins the all-reduce started at batch 3 and is read at batch 4's start:
-    # both ranks trained batches 0-3 and stopped before batch 4.
+    # both ranks trained batches 0-3 and stopped before batch 4 (which each had already fetched).
     assert [len(r["seen"]) for r in first] == [4, 4]
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert saved["global_step"] == 4
     assert saved["ImageNetDataModule"] == {"epoch": 0, "batches_done": 4}
     assert not list(run.glob(".*.tmp"))
 
-    second = _run_ranks(tiny_root, run, "-", resume=ckpt)
+    second = _run_ranks(ids_root, run, "-", resume=ckpt, backend=backend)
     assert [r["ended"] for r in second] == ["finished"] * 2
-    for rank in (0, 1):  # same images, same order, same global steps as without the stop
+    for rank in (0, 1):  # same sample ids, same order, same global steps as without the stop
         assert first[rank]["seen"] + second[rank]["seen"] == full[rank]["seen"]
         assert second[rank]["global_step"] == 2 * steps
 
 
-def test_sigterm_to_one_rank_checkpoints_on_both_without_a_requeue(tiny_root, tmp_path):
-    ranks = _run_ranks(tiny_root, tmp_path, "0:0:TERM")  # rank 0, after its first batch
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigterm_to_one_rank_checkpoints_on_both_without_a_requeue_and_resumes_exactly(ids_root, tmp_path,
+                                                                                        tmp_path_factory, backend):
+    _needs(backend)
+    ranks = _run_ranks(ids_root, tmp_path, "0:0:TERM", backend=backend)  # rank 0, after its first batch
     ckpt = tmp_path / "hpc_ckpt_1.ckpt"
     assert [r["ended"] for r in ranks] == ["SIGTERM"] * 2
     assert [r["checkpoint"] for r in ranks] == [str(ckpt)] * 2
@@ -98,6 +134,11 @@ def test_sigterm_to_one_rank_checkpoints_on_both_without_a_requeue(tiny_root, tm
     assert not (tmp_path / "requeued").exists()  # SLURM decides whether a stopped job comes back
     assert [len(r["seen"]) for r in ranks] == [2, 2]
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["ImageNetDataModule"] == {"epoch": 0, "batches_done": 2}
+
+    resumed = _run_ranks(ids_root, tmp_path / "resumed", "-", resume=ckpt, backend=backend)
+    full = _uninterrupted(ids_root, tmp_path_factory, backend)
+    for rank in (0, 1):  # same sample ids, same order, same global steps as without the stop
+        assert ranks[rank]["seen"] + resumed[rank]["seen"] == full[rank]["seen"]
 
 
 class _SignalSelf(pl.Callback):
