@@ -2,6 +2,7 @@
 and atomic checkpoint writes."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -120,6 +121,37 @@ class PlainProgress(pl.Callback):
         metrics = trainer.callback_metrics
         self._print(trainer, f"validation epoch {trainer.current_epoch + 1}  "
                              f"{self._fmt(metrics, ['val/loss', 'val/top1', 'val/top5', 'val/images'])}")
+
+
+class RecordSamples(pl.Callback):
+    """Appends one JSON line per trained batch to ``PREFIX.rank<R>.jsonl``: the epoch, the batch's
+    index in it, the global step after its optimizer step, and its labels in order.
+
+    For checking what a job trained on, e.g. that a requeued job resumed exactly where the
+    interrupted one stopped: the per-step label sequences of two jobs are a fingerprint of the
+    samples they fed (on a tree with one image per class they are the sample ids). A requeued job
+    appends to the same files. A debugging aid, not for speed: reading the labels back makes the
+    host wait for the GPU every step.
+    """
+
+    def __init__(self, prefix: str | Path) -> None:
+        self.prefix = Path(prefix)
+        self._file = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        path = self.prefix.with_name(f"{self.prefix.name}.rank{trainer.global_rank}.jsonl")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", buffering=1)  # a line at a time: complete up to any stop
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        record = {"epoch": trainer.current_epoch, "batch": batch_idx, "step": trainer.global_step,
+                  "labels": batch[1].tolist()}
+        self._file.write(json.dumps(record) + "\n")
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

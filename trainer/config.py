@@ -73,6 +73,8 @@ class TrainerConfig:
 class RunConfig:
     dir: str = "runs/${model.arch}"  # config.yaml, checkpoints/, summary.json land here
     resume: bool = True  # fit again on the same run.dir continues from checkpoints/last.ckpt
+    # Debugging: append every trained batch's labels, per rank, to PATH.rank<R>.jsonl (see README).
+    record_samples: Optional[str] = None
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from data_pipelines.datamodule import ImageNetDataModule
 from trainer import preemption, slurm
-from trainer.callbacks import AtomicCheckpointIO, PlainProgress, ProgressBar, Throughput
+from trainer.callbacks import AtomicCheckpointIO, PlainProgress, ProgressBar, RecordSamples, Throughput
 from trainer.config import ConfigError, apply_overrides, from_saved, require_data_root, to_dict, to_yaml, validate
 from trainer.models import build_model
 from trainer.module import Classifier
@@ -140,6 +140,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Traine
             ),
             Throughput(every=t.log_every_n_steps),
         ]
+        if cfg.run.record_samples:
+            callbacks.append(RecordSamples(cfg.run.record_samples))
         loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
         wandb_logger = _wandb_logger(cfg, run_dir)
         if wandb_logger is not None:

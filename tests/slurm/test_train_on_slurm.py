@@ -138,6 +138,43 @@ def test_usr1_checkpoints_requeues_and_resumes_at_the_same_step(slurm_cluster, t
     assert not list(run_dir.rglob(".*.tmp"))  # no half-written checkpoint left behind
 
 
+def _records(prefix: Path) -> list[list[dict]]:
+    """run.record_samples' lines of ranks 0 and 1."""
+    return [[json.loads(line) for line in prefix.with_name(f"{prefix.name}.rank{r}.jsonl").read_text().splitlines()]
+            for r in (0, 1)]
+
+
+def test_usr1_requeued_dali_job_trains_the_samples_of_an_uninterrupted_job(slurm_cluster, tmp_path):
+    """dali_cpu, 2 ranks: USR1 -> checkpoint -> requeue -> resume. What each rank trained at each
+    step (run.record_samples; one image per class, so the labels are the sample ids), over both
+    runs of the requeued job, equals what an uninterrupted job trained."""
+    from data_pipelines.sample import make_sample_tree
+
+    root = make_sample_tree(tmp_path / "ids", num_classes=32, train_per_class=1, val_per_class=1, image_size=(32, 32))
+    epochs, steps = 16, 32 // (2 * 2)
+    job = ["--nodes", "1", "--tasks-per-node", "2", *CPU_JOB, "experiment=smoke", f"data.root={root}",
+           "data.backend=dali_cpu", "data.num_workers=1", "data.batch_size=2", f"trainer.max_epochs={epochs}",
+           "trainer.log_every_n_steps=2"]
+    full_prefix = tmp_path / "full" / "samples"
+    proc, full_id = _submit(slurm_cluster, tmp_path, "--wait", *job, f"run.dir={tmp_path / 'full'}",
+                            f"run.record_samples={full_prefix}")
+    assert proc.returncode == 0, _logs(tmp_path, full_id)[-4000:]
+
+    run_dir, prefix = tmp_path / "run", tmp_path / "run" / "samples"
+    proc, job_id = _submit(slurm_cluster, tmp_path, *job, f"run.dir={run_dir}", f"run.record_samples={prefix}")
+    assert proc.returncode == 0
+    _wait_for_log(slurm_cluster, tmp_path, job_id, f"epoch 2/{epochs} step 4/")
+    slurm_cluster.run("scancel", "--signal=USR1", str(job_id))
+    state = slurm_cluster.wait_for_job(job_id, timeout=400)
+    logs = _logs(tmp_path, job_id)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", logs[-4000:]
+    assert f"resuming from {run_dir / 'hpc_ckpt_1.ckpt'}" in logs
+    full, resumed = _records(full_prefix), _records(prefix)
+    assert [len(r) for r in full] == [epochs * steps] * 2
+    for rank in (0, 1):
+        assert resumed[rank] == full[rank]  # same ids, same order, at the same global steps
+
+
 def test_scancel_checkpoints_every_rank_before_the_kill(slurm_cluster, tiny_root, tmp_path):
     """scancel sends SIGTERM, then SIGKILL KillWait (5 s on the test cluster) later: the two ranks
     agree on a step and write the checkpoint in between."""
