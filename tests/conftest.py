@@ -11,6 +11,13 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Under CI=true a skipped test outside -m gpu fails the run (tests/skip_policy.py).
+    from tests.skip_policy import SkipPolicy
+
+    config.pluginmanager.register(SkipPolicy(), "imagenet_trainer_skip_policy")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Keep caches and W&B files out of the user's home: everything under pytest's tmp."""
