@@ -105,11 +105,19 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     @cached_property
     def splits(self) -> tuple[layout.Split, layout.Split]:
+        """(train, val), listed once per job: the job's first process lists each split into the
+        file-list cache and the others read it (data_pipelines/filelist.py). With
+        ``filelist_cache=False`` every process scans the tree itself."""
         if self.filelist_cache:
-            from data_pipelines.filelist import cached_split
+            import os
 
-            train = cached_split(self.root, "train")
-            return train, cached_split(self.root, "val", classes=train.classes)
+            from data_pipelines.filelist import cached_split, launch_position
+
+            # Read from the launcher's environment: this runs before any process group exists
+            # (the model's class count comes from here), so the trainer's rank is not known yet.
+            launch = launch_position(os.environ)
+            train = cached_split(self.root, "train", launch=launch)
+            return train, cached_split(self.root, "val", classes=train.classes, launch=launch)
         return layout.scan_dataset(self.root)
 
     @property
@@ -150,11 +158,19 @@ class ImageNetDataModule(pl.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         self._resume = dict(state) if state else None
 
+    _restart_epoch = False  # set by restart_epoch()
+
+    def restart_epoch(self) -> None:
+        """Resume at the start of the checkpoint's epoch, not after its ``batches_done``: for a
+        resume whose world size or batch size differs from the checkpoint's, where that count is of
+        batches of another size. Call before ``fit``, which loads the position."""
+        self._restart_epoch = True
+
     def _resume_position(self) -> tuple[int, int] | None:
         """(epoch, batches done) from the checkpoint being resumed, if any."""
         if not self._resume:
             return None
-        return int(self._resume["epoch"]), int(self._resume["batches_done"])
+        return int(self._resume["epoch"]), 0 if self._restart_epoch else int(self._resume["batches_done"])
 
     # --- loaders ---------------------------------------------------------------------------
 

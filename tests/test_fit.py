@@ -80,3 +80,8 @@ def test_two_process_ddp_counts_every_val_image_once_and_matches_one_process(tin
     result = json.loads((tmp_path / "v.json").read_text())
     assert result["images"] == 20
     assert result["top1"] == pytest.approx(summary["val/top1"], abs=1e-6)
+    if backend == "torchvision":  # validate itself on 2 ranks: one result, printed and written once
+        both = run_cli("validate", summary["best_ckpt"], "trainer.devices=2", "--json", str(tmp_path / "v2.json"))
+        assert both.returncode == 0, both.stderr[-3000:]
+        assert both.stdout.count("top-1 ") == 1, both.stdout
+        assert json.loads((tmp_path / "v2.json").read_text())["images"] == 20

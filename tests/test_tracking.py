@@ -187,8 +187,9 @@ def test_two_process_ddp_job_makes_exactly_one_run(tiny_root, tmp_path, no_wandb
     assert wandb_dirs == [run]
     rows = [r for r in history(inspect(run)) if "perf/images_per_sec" in r]
     assert rows
-    for row in rows:  # logged by rank 0 for the whole job
-        assert row["perf/images_per_sec_total"] == pytest.approx(2 * row["perf/images_per_sec"])
+    for row in rows:  # logged by rank 0 for the whole job: its rate plus rank 1's (tests/test_metrics.py
+        # checks the sum exactly; rank 1's own rate is not in the run)
+        assert row["perf/images_per_sec_total"] > row["perf/images_per_sec"] > 0
 
 
 def test_disabled_mode_trains_and_writes_no_wandb_files(tiny_root, tmp_path):

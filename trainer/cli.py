@@ -251,6 +251,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             from trainer.run import validate_checkpoint
 
             result = validate_checkpoint(args.ckpt, args.overrides)
+            if result is None:  # not global rank 0: rank 0 prints and writes the result
+                return 0
             out = Path(args.json_out) if args.json_out else _default_json_path(args.ckpt)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=2) + "\n")

@@ -73,6 +73,10 @@ class TrainerConfig:
 class RunConfig:
     dir: str = "runs/${model.arch}"  # config.yaml, checkpoints/, summary.json land here
     resume: bool = True  # fit again on the same run.dir continues from checkpoints/last.ckpt
+    # Resume although the world size, global batch or trainer.max_epochs differ from the
+    # checkpoint's (a warning says what is re-derived); false: such a resume is an error.
+    allow_resume_change: bool = False
+    keep_hpc_checkpoints: Optional[int] = 2  # newest preemption checkpoints (hpc_ckpt_N) kept; None: all
     # Debugging: append every trained batch's labels, per rank, to PATH.rank<R>.jsonl (see README).
     record_samples: Optional[str] = None
 
@@ -225,7 +229,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.logger.wandb.log_model not in (True, False, "all"):
         raise ConfigError(f"logger.wandb.log_model={cfg.logger.wandb.log_model!r} must be true, false or all")
     for key in ("data.batch_size", "data.image_size", "data.val_resize", "optim.lr", "trainer.max_epochs",
-                "trainer.num_nodes", "model.num_classes", "trainer.log_every_n_steps"):
+                "trainer.num_nodes", "model.num_classes", "trainer.log_every_n_steps", "run.keep_hpc_checkpoints"):
         positive(key)
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be 0 or more")

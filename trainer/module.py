@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
-from torchmetrics import SumMetric
+from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 
@@ -114,6 +114,10 @@ class Classifier(pl.LightningModule):
         self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        # The epoch's mean training loss over every rank's images (the metric syncs its sum and
+        # count across ranks once, at the epoch's end); a value logged with on_epoch would be this
+        # rank's mean only. No NaN check: it reads a value back (a GPU sync) every step.
+        self.train_loss = MeanMetric(nan_strategy="disable")
         # Counts the images validated over all ranks: shows that none is counted twice.
         # nan_strategy="disable": the default NaN check reads a value back (a GPU sync) every step,
         # and a count cannot be NaN.
@@ -124,16 +128,24 @@ class Classifier(pl.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's logits in float32, whatever the autocast dtype: the loss and the metrics are
+        computed in full precision (in bfloat16, close logits tie and top-1 is decided by rounding)."""
+        return self(images).float()
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        logits = self(images)
+        logits = self.logits(images)
         loss = self.criterion(logits, labels)
         self.train_top1(logits, labels)
         n = labels.shape[0]
+        self.train_loss.update(loss.detach(), n)
         # No sync_dist on step values: each would be a blocking all-reduce every step. No prog_bar:
         # Lightning reads prog_bar step values back to the host (.item()) after every step, a GPU
         # sync; the terminal bar (callbacks.ProgressBar) reads the loss only when it redraws.
-        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=n)
+        # The step values are this rank's; the epoch values are over every rank (metric objects).
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=n)
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
         self.log("train/top1", self.train_top1, on_step=True, on_epoch=True, batch_size=n)
         if self._trainer is not None:
             # A CPU tensor: Lightning would turn a python float into a tensor on the module's device,
@@ -144,13 +156,17 @@ class Classifier(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels = batch
-        logits = self(images)
+        logits = self.logits(images)
         n = labels.shape[0]
         self.val_top1.update(logits, labels)
         self.val_top5.update(logits, labels)
         # Made on the device (a fill), not copied from the host: no blocking transfer per step.
         self.val_images.update(torch.full((), n, dtype=torch.float32, device=logits.device))
+        # val/loss is the training criterion, label smoothing included (comparable with train/loss);
+        # val/ce is the plain cross-entropy, comparable across recipes with different smoothing.
+        # Both are means over every image of every rank (the sums and counts are reduced once).
         self.log("val/loss", self.criterion(logits, labels), on_epoch=True, sync_dist=True, batch_size=n)
+        self.log("val/ce", nn.functional.cross_entropy(logits, labels), on_epoch=True, sync_dist=True, batch_size=n)
         # Metric objects sync their states across ranks at compute(): exact under DDP.
         self.log("val/top1", self.val_top1, on_epoch=True, prog_bar=True, batch_size=n)
         self.log("val/top5", self.val_top5, on_epoch=True, batch_size=n)
@@ -159,6 +175,11 @@ class Classifier(pl.LightningModule):
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(images).softmax(dim=1)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # With the config's per-device batch, the global batch the peak lr and the schedule were
+        # derived from: a resume compares them with its own (trainer/run.py).
+        checkpoint["world_size"] = self.trainer.world_size
 
     # --- optimiser and schedule ----------------------------------------------------------
 

@@ -19,7 +19,8 @@ drains; every rank reads the same answer at the same step. When a rank was signa
 takes part in writing ``RUN_DIR/hpc_ckpt_N.ckpt`` at that step boundary; on USR1 rank 0 then runs
 ``scontrol requeue``; and every rank raises :class:`Preempted`. The checkpoint is written at most
 two steps after the first signal lands. At a step's start the previous step is complete and this
-one has not begun, so the checkpoint resumes at this step exactly.
+one has not begun, so the checkpoint resumes at this step exactly. Rank 0 then deletes all but the
+newest ``keep`` ``hpc_ckpt`` files, once the new one loads (:func:`prune_hpc_checkpoints`).
 
 Signals are acted on between training steps only: one that lands during a validation pass waits
 for the next training step.
@@ -71,11 +72,48 @@ def requeue_command(environ: Mapping[str, str] | None = None) -> list[str]:
     return ["scontrol", "requeue", job]
 
 
+def _hpc_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(N, path) of each ``run_dir/hpc_ckpt_N.ckpt``, oldest (lowest N) first."""
+    return sorted((int(m.group(1)), p) for p in run_dir.glob("hpc_ckpt_*.ckpt")
+                  if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name)))
+
+
 def next_hpc_path(run_dir: Path) -> Path:
     """``run_dir/hpc_ckpt_N.ckpt`` with N one above the newest (Lightning's naming)."""
-    numbers = [int(m.group(1)) for p in run_dir.glob("hpc_ckpt_*.ckpt")
-               if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
-    return run_dir / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+    numbered = _hpc_checkpoints(run_dir)
+    return run_dir / f"hpc_ckpt_{numbered[-1][0] + 1 if numbered else 1}.ckpt"
+
+
+def loadable(path: Path) -> bool:
+    """Whether ``path`` loads (``weights_only``, on the CPU) as a checkpoint with a state_dict."""
+    try:
+        return "state_dict" in torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - truncated, corrupt or unreadable: not a checkpoint to rely on
+        return False
+
+
+def prune_hpc_checkpoints(run_dir: Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest ``keep`` ``hpc_ckpt_N.ckpt`` in ``run_dir`` (None: keep every one);
+    the deleted paths.
+
+    Only once the newest loads: one that does not (a full disk, a node lost while writing) deletes
+    nothing, so the last complete checkpoint is never the one removed. A file that cannot be
+    deleted is logged and left: pruning must never stop a preempted job from requeueing.
+    """
+    paths = [p for _, p in _hpc_checkpoints(Path(run_dir))]
+    if keep is None or len(paths) <= keep:
+        return []
+    if not loadable(paths[-1]):
+        log.warning("%s does not load as a checkpoint; keeping the older hpc_ckpt files", paths[-1])
+        return []
+    deleted = []
+    for path in paths[:-keep]:
+        try:
+            path.unlink()
+            deleted.append(path)
+        except OSError as err:
+            log.warning("could not delete the old checkpoint %s: %s", path, err)
+    return deleted
 
 
 class Preempted(Exception):
@@ -110,12 +148,16 @@ class RequeueOnSignal(pl.Callback):
     requeue; then stop (see the module doc).
 
     ``requeue``: the command rank 0 runs after the checkpoint on SIGUSR1 (``scontrol requeue
-    JOBID`` under SLURM), or None to only checkpoint and stop.
+    JOBID`` under SLURM), or None to only checkpoint and stop. ``keep``: how many
+    ``hpc_ckpt_N.ckpt`` to keep once a newer one is written (:func:`prune_hpc_checkpoints`; None: all).
     """
 
-    def __init__(self, run_dir: Path, requeue: Sequence[str] | None) -> None:
+    def __init__(self, run_dir: Path, requeue: Sequence[str] | None, keep: int | None = 2) -> None:
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep={keep}: at least the newest checkpoint must be kept")
         self.run_dir = Path(run_dir)
         self.requeue = list(requeue) if requeue else None
+        self.keep = keep
         self._group = None
         self._pending: tuple[dist.Work, torch.Tensor] | None = None
 
@@ -166,6 +208,9 @@ class RequeueOnSignal(pl.Callback):
                 requeued, reason = self._run_requeue()
             requeued, reason = self._broadcast((requeued, reason))
         if trainer.is_global_zero:
+            # After save_checkpoint's barrier (``path`` is complete on disk), and after the requeue:
+            # SLURM's grace time is short, and the requeue is what must not be missed.
+            prune_hpc_checkpoints(self.run_dir, self.keep)
             log.info("%s at epoch %d, step %d: wrote %s%s", signal.Signals(signum).name, trainer.current_epoch,
                      trainer.global_step, path, "; requeued the job" if requeued else "")
         raise Preempted(path, signum, requeued, reason)

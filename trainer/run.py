@@ -22,7 +22,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from data_pipelines.datamodule import ImageNetDataModule
 from trainer import preemption, slurm
-from trainer.callbacks import AtomicCheckpointIO, PlainProgress, ProgressBar, RecordSamples, Throughput
+from trainer.callbacks import (AtomicCheckpointIO, PlainProgress, ProgressBar, RecordSamples,
+                               ReleaseValidationPipelines, RestartResumedEpoch, Throughput)
 from trainer.config import ConfigError, apply_overrides, from_saved, require_data_root, to_dict, to_yaml, validate
 from trainer.models import build_model
 from trainer.module import Classifier
@@ -124,7 +125,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Traine
     if for_fit:
         preemption.listen()  # from now: SIGUSR1's default action would end the process
         requeue = preemption.requeue_command() if alloc is not None else None
-        callbacks.append(preemption.RequeueOnSignal(run_dir, requeue=requeue))
+        callbacks.append(preemption.RequeueOnSignal(run_dir, requeue=requeue, keep=cfg.run.keep_hpc_checkpoints))
     tty = sys.stdout.isatty()
     loggers = []
     if for_fit:
@@ -146,6 +147,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Traine
         wandb_logger = _wandb_logger(cfg, run_dir)
         if wandb_logger is not None:
             loggers.append(wandb_logger)  # after the CSVLogger: trainer.log_dir stays run_dir
+    callbacks.append(ReleaseValidationPipelines())
     # Each redraw of the bar reads the loss back to the host (a GPU sync): not every step there.
     bar_every = min(10, t.log_every_n_steps) if on_gpu else 1
     callbacks.append(ProgressBar(refresh_rate=bar_every) if tty else PlainProgress(every=t.log_every_n_steps))
@@ -170,7 +172,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Traine
         plugins=plugins,
         # Our loaders shard by global rank themselves (data_pipelines/sharding.py).
         use_distributed_sampler=False,
-        num_sanity_val_steps=0,
+        # Two validation batches before training (Lightning's sanity check): a broken validation
+        # pipeline fails in seconds, not after the first ImageNet epoch.
+        num_sanity_val_steps=2,
     )
 
 
@@ -215,6 +219,70 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
     return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
 
 
+def resume_changes(ckpt: dict, *, world_size: int, batch_size: int, max_epochs: int) -> list[tuple[str, int, int]]:
+    """What differs between checkpoint ``ckpt`` and this run among the settings its peak lr, lr
+    schedule and data position were derived from: (setting, the checkpoint's value, this run's).
+
+    A checkpoint written before the world size was saved in it has an unknown world size: its
+    per-device batch (data.batch_size) is compared instead of the global batch.
+    """
+    saved = ckpt.get("hyper_parameters", {}).get("config") or {}
+    old_batch = saved.get("data", {}).get("batch_size")
+    old_epochs = saved.get("trainer", {}).get("max_epochs")
+    old_world = ckpt.get("world_size")
+    changes = []
+    if old_world is not None and old_world != world_size:
+        changes.append(("the world size (trainer.num_nodes x trainer.devices)", old_world, world_size))
+    if old_batch is not None and old_world is None and old_batch != batch_size:
+        changes.append(("data.batch_size", old_batch, batch_size))
+    if old_batch is not None and old_world is not None and old_batch * old_world != batch_size * world_size:
+        changes.append(("the global batch (data.batch_size x world size)", old_batch * old_world,
+                        batch_size * world_size))
+    if old_epochs is not None and old_epochs != max_epochs:
+        changes.append(("trainer.max_epochs", old_epochs, max_epochs))
+    return changes
+
+
+def _check_resume(ckpt_path: Path, cfg: DictConfig, trainer: pl.Trainer, dm: ImageNetDataModule) -> None:
+    """Refuse (ConfigError) to resume from ``ckpt_path`` with another world size, global batch or
+    trainer.max_epochs, unless run.allow_resume_change; then warn what follows from the change, and
+    restart the checkpoint's epoch when its count of trained batches is of another batch size."""
+    # mmap: the config and the counters are read, not the weights.
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    changes = resume_changes(ckpt, world_size=trainer.world_size, batch_size=cfg.data.batch_size,
+                             max_epochs=cfg.trainer.max_epochs)
+    if not changes:
+        return
+    listed = ", ".join(f"{what} {old} (this run: {new})" for what, old, new in changes)
+    if not cfg.run.allow_resume_change:
+        raise ConfigError(
+            f"{ckpt_path} was written with {listed}; resuming with another value changes the lr schedule "
+            f"and the data position. Resume with the checkpoint's values, or set run.allow_resume_change=true "
+            f"to continue with the new ones (the schedule's length and the data position are re-derived, "
+            f"the peak lr is kept)"
+        )
+    batch_changed = any(what != "trainer.max_epochs" for what, _, _ in changes)
+    if batch_changed:
+        dm.restart_epoch()
+        trainer.callbacks.append(RestartResumedEpoch())
+    if not trainer.is_global_zero:
+        return
+    # What Lightning restores (verified in tests/test_checkpoints.py): the scheduler's base lr (the
+    # peak) and the step count; the lambda, and with it the schedule's length, is this run's.
+    said = [f"resuming from {ckpt_path} with {listed} (run.allow_resume_change=true).",
+            f"The lr schedule's length is re-derived from this run's trainer.max_epochs and steps per epoch, "
+            f"and it continues from the checkpoint's step {ckpt.get('global_step')}."]
+    if batch_changed:
+        base_lrs = [sched.get("base_lrs") for sched in ckpt.get("lr_schedulers", [])]
+        peak = f" ({base_lrs[0][0]:.4g})" if base_lrs and base_lrs[0] else ""
+        position = ckpt.get(ImageNetDataModule.__qualname__) or {}
+        said += [f"The peak lr stays the checkpoint's{peak}: optim.lr x global batch / 256 is not re-applied.",
+                 f"The saved data position (epoch={position.get('epoch')}, "
+                 f"batches_done={position.get('batches_done')}) counts the checkpoint's batches per rank: "
+                 f"that epoch restarts from its first batch."]
+    log.warning(" ".join(said))
+
+
 def fit(cfg: DictConfig) -> dict | None:
     """Train as configured; writes ``run.dir/summary.json`` and returns the summary on rank 0
     (None on the other ranks)."""
@@ -230,6 +298,9 @@ def fit(cfg: DictConfig) -> dict | None:
     dm = build_datamodule(cfg)
     module = build_module(cfg, dm.classes)
     trainer = build_trainer(cfg, run_dir, for_fit=True)
+    if resume_from is not None:
+        # Before config.yaml is written: a refused resume leaves the run directory as it was.
+        _check_resume(resume_from, cfg, trainer, dm)
     _write_text(run_dir / "config.yaml", to_yaml(cfg))
     ckpt_path = str(resume_from) if resume_from else None
     if ckpt_path:
@@ -238,8 +309,6 @@ def fit(cfg: DictConfig) -> dict | None:
         # Our DataModule restores the data position itself (ImageNetDataModule.state_dict), which
         # Lightning's check for a stateful DataLoader does not see.
         warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-        # Epoch means of train metrics are per rank on purpose: syncing them costs an all-reduce.
-        warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     metrics = _metrics(trainer)
     ckpt_cb = trainer.checkpoint_callback
@@ -277,8 +346,9 @@ def load_checkpoint_config(ckpt_path: str | Path, overrides: list[str]) -> tuple
     return cfg, ckpt
 
 
-def validate_checkpoint(ckpt_path: str | Path, overrides: list[str]) -> dict:
-    """Validate a checkpoint on ``data.root``'s val split (the saved one unless overridden)."""
+def validate_checkpoint(ckpt_path: str | Path, overrides: list[str]) -> dict | None:
+    """Validate a checkpoint on ``data.root``'s val split (the saved one unless overridden); the
+    result (over every rank's images) on global rank 0, None on the other ranks."""
     cfg, ckpt = load_checkpoint_config(ckpt_path, overrides)
     dm = build_datamodule(cfg)
     classes = ckpt["hyper_parameters"].get("classes") or dm.classes
@@ -300,4 +370,4 @@ def validate_checkpoint(ckpt_path: str | Path, overrides: list[str]) -> dict:
         "loss": result.get("val/loss"),
         "data_root": cfg.data.root,
     }
-    return result
+    return result if trainer.is_global_zero else None
