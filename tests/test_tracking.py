@@ -166,7 +166,7 @@ def test_offline_run_holds_config_and_metrics_and_a_resumed_fit_continues_it(tin
         for step, value in points[key].items():
             assert math.isclose(value, local[key][step], rel_tol=1e-6), (key, step)
 
-    second = run_cli("fit", *args, "trainer.max_epochs=2")
+    second = run_cli("fit", *args, "trainer.max_epochs=2", "run.allow_resume_change=true")
     assert second.returncode == 0, second.stderr[-3000:]
     assert read_run_id(run_dir) == run_id
     runs = offline_runs(run_dir)
