@@ -17,6 +17,7 @@ local rank: on 4 nodes the local rank would make each node read the same quarter
 from __future__ import annotations
 
 import logging
+import os
 from functools import cached_property
 
 import pytorch_lightning as pl
@@ -109,8 +110,6 @@ class ImageNetDataModule(pl.LightningDataModule):
         file-list cache and the others read it (data_pipelines/filelist.py). With
         ``filelist_cache=False`` every process scans the tree itself."""
         if self.filelist_cache:
-            import os
-
             from data_pipelines.filelist import cached_split, launch_position
 
             # Read from the launcher's environment: this runs before any process group exists

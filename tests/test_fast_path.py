@@ -64,6 +64,20 @@ class _OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _watched_tensor():
+    """A ``torch.tensor`` that records the python numbers it is asked to put on a device (on a GPU,
+    each is a blocking host-to-device copy): (the record, the stand-in, the real one)."""
+    to_device = []
+    real_tensor = torch.tensor
+
+    def tensor(data, *args, **kwargs):
+        if isinstance(data, (int, float, bool)) and "device" in kwargs:
+            to_device.append(data)
+        return real_tensor(data, *args, **kwargs)
+
+    return to_device, tensor, real_tensor
+
+
 def test_training_steps_make_no_host_sync(tmp_path, monkeypatch):
     """Whole loop iterations of our fit (trainer.run's Classifier, Trainer and callbacks), from the
     end of step 2 to the end of step 6, between two log steps: no op that reads a value back, and
@@ -81,13 +95,7 @@ def test_training_steps_make_no_host_sync(tmp_path, monkeypatch):
         "trainer.log_every_n_steps=50", "logger.wandb.mode=disabled", f"run.dir={tmp_path / 'run'}",
     ])
     recorder = _OpRecorder()
-    to_device = []
-    real_tensor = torch.tensor
-
-    def tensor(data, *args, **kwargs):
-        if isinstance(data, (int, float, bool)) and "device" in kwargs:
-            to_device.append(data)
-        return real_tensor(data, *args, **kwargs)
+    to_device, tensor, real_tensor = _watched_tensor()
 
     class Watch(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -124,13 +132,7 @@ def test_validation_steps_make_no_host_sync(tmp_path, monkeypatch):
         "trainer.limit_val_batches=7", "logger.wandb.mode=disabled", f"run.dir={tmp_path / 'run'}",
     ])
     recorder = _OpRecorder()
-    to_device = []
-    real_tensor = torch.tensor
-
-    def tensor(data, *args, **kwargs):
-        if isinstance(data, (int, float, bool)) and "device" in kwargs:
-            to_device.append(data)
-        return real_tensor(data, *args, **kwargs)
+    to_device, tensor, real_tensor = _watched_tensor()
 
     class Watch(pl.Callback):
         def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):

@@ -16,11 +16,10 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from data_pipelines import dali, layout
 from trainer.models import build_model
 from trainer.module import Classifier
+from tests.test_fast_path import _OpRecorder
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,16 +98,6 @@ def test_dali_cpu_pipeline_keeps_its_graph_on_the_cpu(tiny_root):
 
 # -- the batch the model gets: one pass over the images, in its layout ----------------------------
 
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def _copies(ops: list[str]) -> list[str]:
     return [op for op in ops if any(k in op for k in ("_to_copy", "copy_", "clone", "contiguous"))]
 
@@ -122,7 +111,7 @@ def test_a_dali_gpu_batch_reaches_the_model_with_at_most_one_copy(dtype):
     dali_dtype = torch.float16 if dtype == torch.float16 else torch.float32
     nhwc = torch.randn(4, 16, 16, 3).to(dali_dtype)
     labels = torch.arange(4, dtype=torch.int32).reshape(4, 1)
-    with _Ops() as rec:
+    with _OpRecorder() as rec:
         images, out_labels = dali.model_batch(nhwc, labels, dtype=dtype, channels_last=True, device=None)
     assert images.shape == (4, 3, 16, 16) and images.dtype == dtype
     assert images.is_contiguous(memory_format=torch.channels_last)
