@@ -79,6 +79,11 @@ class EpochSampler:
         self.num_shards = num_shards
         self.batch_size = batch_size
         self.steps = steps_per_epoch(num_images, num_shards, batch_size)
+        if resume is not None and resume[1] >= self.steps:
+            # Saved after the epoch's last step (at its end): resume at the next epoch's start. An
+            # empty remainder of the old epoch would make Lightning, which looks at the loader
+            # before it restores its own counters, skip the next epoch altogether.
+            resume = (resume[0] + 1, 0)
         self.resume = resume
         self.epoch = 0
         self.set_epoch(resume[0] if resume else 0)

@@ -45,6 +45,13 @@ class Record(pl.Callback):
             trainer.save_checkpoint(self.ckpt)  # what the SLURM USR1 handler does, mid-epoch
             raise Interrupt
 
+    def on_train_epoch_end(self, trainer, module):
+        # Where ModelCheckpoint writes last.ckpt in an epoch without validation
+        # (trainer.check_val_every_n_epoch > 1, or no val batches).
+        if self.where == "epoch-end" and trainer.current_epoch == self.stop_at[0]:
+            trainer.save_checkpoint(self.ckpt)
+            raise Interrupt
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         # global_step - 1: the step this batch was trained at (the counter has moved on)
         self.seen.append((trainer.current_epoch, batch_idx, trainer.global_step - 1, batch[1].tolist()))
@@ -80,9 +87,8 @@ def _uninterrupted(root, tmp_path_factory, backend: str) -> Record:
     return _FULL[backend]
 
 
-# (epoch, batch) and where in that batch's step the checkpoint is written. Not included: a save at
-# the end of an epoch's last step. Our fits write no such checkpoint (last.ckpt is written after
-# validation), and there Lightning 2.6's own restart skips the next epoch with a DataLoader.
+# (epoch, batch) and where the checkpoint is written: at that batch's step's start or end, or at the
+# end of that epoch (where ModelCheckpoint writes last.ckpt when the epoch has no validation).
 CASES = {
     "mid-epoch-at-step-start": ((1, 3), "start"),
     "first-epoch-at-step-start": ((0, 5), "start"),
@@ -90,6 +96,9 @@ CASES = {
     "last-batch-at-step-start": ((0, 8), "start"),
     "mid-epoch-at-step-end": ((1, 3), "end"),
     "first-batch-at-step-end": ((2, 0), "end"),
+    "last-batch-at-step-end": ((0, 8), "end"),
+    "first-epoch-at-its-end": ((0, 9), "epoch-end"),
+    "second-epoch-at-its-end": ((1, 9), "epoch-end"),
 }
 
 
@@ -108,7 +117,7 @@ def test_resumed_run_feeds_the_same_sequence_as_an_uninterrupted_one(one_image_p
     _fit(one_image_per_class, tmp_path / "a", first, backend=backend)
     state = torch.load(ckpt, weights_only=True)["ImageNetDataModule"]
     # The data position: the batches of the epoch whose step has run, whatever the loader fetched.
-    assert state == {"epoch": stop_at[0], "batches_done": stop_at[1] + (where == "end")}
+    assert state == {"epoch": stop_at[0], "batches_done": stop_at[1] + (where == "end")}, state
 
     second = Record()
     trainer = _fit(one_image_per_class, tmp_path / "b", second, ckpt_path=str(ckpt), backend=backend)
