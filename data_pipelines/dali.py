@@ -16,14 +16,12 @@ PATH") and an empty file ("File mapping failed: PATH"), but not for data that is
 batches that were in flight when the error came and names the culprits it finds. The message
 always ends with the command that finds every bad file at once: ``imagenet-trainer check-data
 ROOT``. (Under ``srun``, add ``--kill-on-bad-exit=1`` so that the other ranks stop too rather
-than wait in a collective until the NCCL timeout.)
+than wait in a collective until the NCCL timeout.) The naming is ``check.bad_file_message``'s.
 """
 from __future__ import annotations
 
 import functools
 import math
-import os
-import re
 import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +33,7 @@ import torch.nn.functional as F
 import torch.utils.dlpack
 
 from . import IMAGENET_MEAN, IMAGENET_STD, normalize, sharding
+from .check import bad_file_message, is_data_error
 
 
 # nvJPEG buffer sizes that fit the largest ImageNet image, so that the mixed decoder never
@@ -462,7 +461,7 @@ class DALILoader:
                 except StopIteration:
                     return
                 except RuntimeError as err:
-                    if not _is_data_error(err):
+                    if not is_data_error(err):
                         raise
                     # DALI was asked for batch ``step``; its reader may have failed a batch ahead of
                     # it and its decoder up to ``prefetch`` batches ahead.
@@ -558,63 +557,3 @@ class _EpochSetter:
         loader = self._loader()
         if loader is not None:
             loader.set_epoch(epoch)
-
-
-def _is_data_error(err: RuntimeError) -> bool:
-    """A failure of the reader or a decoder while running (not, say, a build error)."""
-    text = str(err)
-    return "fn.readers.file" in text or "fn.decoders." in text
-
-
-def _dali_reason(message: str) -> str:
-    """The line of DALI's error that says what went wrong (DALI prints a graph traceback first)."""
-    tail = message.split("encountered:", 1)[-1].strip().splitlines()
-    useful = [ln for ln in tail if ln.strip() and "no longer valid" not in ln and "C++ context" not in ln]
-    return useful[0].strip() if useful else message.strip().splitlines()[0]
-
-
-# How DALI 2.4 names a file: "Failed to decode sample #3 : PATH" (decoders), "File mapping
-# failed: PATH" (reader, empty or unreadable file).
-_NAMED_FILE = re.compile(r"(?:Failed to decode sample #\d+ : |File mapping failed: )(.+?)\s*$", re.M)
-
-
-def bad_file_message(message: str, in_flight: Sequence[str], all_files: Sequence[str]) -> str:
-    """A message naming the file(s) DALI failed on, taken from its error or found by decoding the
-    ``in_flight`` files again; it always says how to find every bad file at once."""
-    reason = _dali_reason(message)
-    named = [m.group(1) for m in _NAMED_FILE.finditer(message)]
-    named += [p for p in in_flight if p in message]
-    from .check import check_file, check_files  # lazy: only the error path needs them
-
-    # Decode a named file again for a reason that says more than DALI's "failed to decode".
-    found = [(p, check_file(p) or f"DALI: {reason}") for p in dict.fromkeys(named)]
-    if not found:
-        found = check_files(list(dict.fromkeys(in_flight)), num_workers=0, progress=False)
-    if found:
-        listing = "\n".join(f"  {p}: {r}" for p, r in found)
-        head = f"DALI could not read or decode {len(found)} image file(s):\n{listing}\n"
-    else:
-        head = (
-            f"DALI failed and did not name the file; the {len(in_flight)} files of the batches in "
-            f"flight all decode when read again, so the cause may be I/O or memory.\n"
-        )
-    return (
-        f"{head}The run stopped: DALI cannot skip a sample, and nothing is skipped silently. "
-        f"Run `imagenet-trainer check-data {_dataset_root(all_files)}` to list every bad file, then "
-        f"replace or remove them. DALI said: {reason}"
-    )
-
-
-def _dataset_root(files: Sequence[str]) -> str:
-    """The dataset root for the check-data hint: the folder above train/ or val/ when there is one."""
-    if not files:
-        return "ROOT"
-    try:
-        common = os.path.commonpath([files[0], files[-1]])
-    except ValueError:
-        return "ROOT"
-    parts = common.split(os.sep)
-    for split in ("train", "val"):
-        if split in parts:
-            return os.sep.join(parts[: len(parts) - 1 - parts[::-1].index(split)]) or os.sep
-    return common
