@@ -386,11 +386,8 @@ class DALILoader:
     def seek(self, epoch: int, step: int) -> None:
         """Feed ``epoch`` from its batch ``step`` next (``step == len(self)``: the next epoch)."""
         epoch, step = int(epoch), int(step)
-        if not 0 <= step <= len(self):
-            raise ValueError(f"loader position step={step} is outside [0, {len(self)}] batches per epoch")
-        self._epoch, self._step = epoch, step
-        if self.train and step == len(self):
-            self._epoch, self._step = epoch + 1, 0
+        resumed = sharding.resume_point(epoch, step, len(self))  # checks the range
+        self._epoch, self._step = resumed if self.train else (epoch, step)
 
     # -- iteration --------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -347,14 +347,7 @@ def _timeout_message(path: Path, split_dir: Path, launch: LaunchPosition, timeou
 def _write_note(note: Path, state: str, message: str = "") -> None:
     """Atomically record what the lister is doing (``listing``, ``failed``, ``uncached``)."""
     record = {"state": state, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), "message": message}
-    fd, tmp = tempfile.mkstemp(dir=note.parent, prefix=f".{note.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(record, out)
-        os.replace(tmp, note)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_atomically(note, json.dumps(record))
 
 
 def _read_note(note: Path) -> dict | None:
@@ -431,18 +424,24 @@ def write_file_list(split: layout.Split, path: str | os.PathLike) -> None:
         if not f.startswith(prefix):
             raise ValueError(f"{f} is not under {split.root}")
         lines.append(f"{f[len(prefix):]} {label}\n")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_atomically(path, "".join(lines))
     stem = path.name.rsplit("-", 1)[0]  # "<split>-<identity>": the same tree, older versions
     for old in path.parent.glob(f"{stem}-*.txt"):
         if old != path:
             old.unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a reader in
+    another process sees the whole old file or the whole new one, never a part."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_file_list(path: str | os.PathLike, split_dir: str | os.PathLike, classes: list[str]) -> layout.Split:

@@ -45,6 +45,16 @@ def train_indices(
     return mine[start_step * batch_size :]
 
 
+def resume_point(epoch: int, batches_done: int, steps: int) -> tuple[int, int]:
+    """Where a run resumed after ``batches_done`` of the ``steps`` training batches of ``epoch``
+    continues: (epoch, its first batch to feed). After the epoch's last batch, that is the next
+    epoch's start. An empty remainder of the old epoch would make Lightning, which looks at the
+    loader before it restores its own counters, skip the next epoch altogether."""
+    if not 0 <= batches_done <= steps:
+        raise ValueError(f"resume position batches_done={batches_done} is outside [0, {steps}] batches per epoch")
+    return (epoch + 1, 0) if batches_done == steps else (epoch, batches_done)
+
+
 def val_indices(num_images: int, *, shard_id: int, num_shards: int) -> range:
     """A contiguous slice; slices of all ranks are disjoint and cover every image once."""
     if not 0 <= shard_id < num_shards:
@@ -79,14 +89,9 @@ class EpochSampler:
         self.num_shards = num_shards
         self.batch_size = batch_size
         self.steps = steps_per_epoch(num_images, num_shards, batch_size)
-        if resume is not None and resume[1] >= self.steps:
-            # Saved after the epoch's last step (at its end): resume at the next epoch's start. An
-            # empty remainder of the old epoch would make Lightning, which looks at the loader
-            # before it restores its own counters, skip the next epoch altogether.
-            resume = (resume[0] + 1, 0)
-        self.resume = resume
+        self.resume = resume_point(*resume, self.steps) if resume is not None else None
         self.epoch = 0
-        self.set_epoch(resume[0] if resume else 0)
+        self.set_epoch(self.resume[0] if self.resume else 0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -47,6 +47,14 @@ def tiny_root(tmp_path_factory) -> Path:
                             val_per_class=5, image_size=(40, 32))
 
 
+def skip_without_dali() -> None:
+    """Skip the calling test, with DALI's install hint, where DALI does not import."""
+    from data_pipelines.dali import dali_available, dali_import_error_message
+
+    if not dali_available():
+        pytest.skip(dali_import_error_message())
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `imagenet-trainer ARGS` as a user would (a fresh process: DDP re-runs argv)."""
     full_env = {**os.environ, **(env or {})}

@@ -64,18 +64,35 @@ class _OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _watched_tensor():
-    """A ``torch.tensor`` that records the python numbers it is asked to put on a device (on a GPU,
-    each is a blocking host-to-device copy): (the record, the stand-in, the real one)."""
-    to_device = []
-    real_tensor = torch.tensor
+class _HostSyncWatch:
+    """What runs between ``start()`` and ``stop()``: every aten op, and every python number that
+    ``torch.tensor(..., device=...)`` is asked to put on a device (on a GPU, a blocking copy)."""
 
-    def tensor(data, *args, **kwargs):
+    def __init__(self, monkeypatch) -> None:
+        self.monkeypatch = monkeypatch
+        self.recorder = _OpRecorder()
+        self.to_device: list = []
+        self._real_tensor = torch.tensor
+
+    def _tensor(self, data, *args, **kwargs):
         if isinstance(data, (int, float, bool)) and "device" in kwargs:
-            to_device.append(data)
-        return real_tensor(data, *args, **kwargs)
+            self.to_device.append(data)
+        return self._real_tensor(data, *args, **kwargs)
 
-    return to_device, tensor, real_tensor
+    def steps(self, batch_idx: int) -> None:
+        """Called at the end of every batch: watches batches 2 to 5 (0-based), between log steps."""
+        if batch_idx == 1:
+            self.monkeypatch.setattr(torch, "tensor", self._tensor)
+            self.recorder.__enter__()
+        elif batch_idx == 5:
+            self.recorder.__exit__(None, None, None)
+            self.monkeypatch.setattr(torch, "tensor", self._real_tensor)
+
+    def assert_no_sync(self, conv_op: str, steps: str) -> None:
+        assert any(conv_op in op for op in self.recorder.ops)  # the recorder saw the steps
+        syncing = sorted({op for op in self.recorder.ops if any(s in op for s in HOST_SYNC_OPS)})
+        assert not syncing, f"host syncs inside {steps} steps: {syncing}"
+        assert not self.to_device, f"python numbers copied to the device every step: {self.to_device}"
 
 
 def test_training_steps_make_no_host_sync(tmp_path, monkeypatch):
@@ -94,27 +111,18 @@ def test_training_steps_make_no_host_sync(tmp_path, monkeypatch):
         "trainer.accelerator=cpu", "trainer.max_epochs=1", "trainer.limit_val_batches=0",
         "trainer.log_every_n_steps=50", "logger.wandb.mode=disabled", f"run.dir={tmp_path / 'run'}",
     ])
-    recorder = _OpRecorder()
-    to_device, tensor, real_tensor = _watched_tensor()
+    watch = _HostSyncWatch(monkeypatch)
 
     class Watch(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx == 1:
-                monkeypatch.setattr(torch, "tensor", tensor)
-                recorder.__enter__()
-            elif batch_idx == 5:
-                recorder.__exit__(None, None, None)
-                monkeypatch.setattr(torch, "tensor", real_tensor)
+            watch.steps(batch_idx)
 
     dm = build_datamodule(cfg)
     trainer = build_trainer(cfg, tmp_path / "run", for_fit=True)
     trainer.callbacks.append(Watch())
     trainer.fit(build_module(cfg, dm.classes), datamodule=dm)
     assert trainer.global_step == 10
-    assert any("convolution" in op for op in recorder.ops)  # the recorder saw the steps
-    syncing = sorted({op for op in recorder.ops if any(s in op for s in HOST_SYNC_OPS)})
-    assert not syncing, f"host syncs inside training steps: {syncing}"
-    assert not to_device, f"python numbers copied to the device every step: {to_device}"
+    watch.assert_no_sync("convolution", "training")
 
 
 def test_validation_steps_make_no_host_sync(tmp_path, monkeypatch):
@@ -131,27 +139,18 @@ def test_validation_steps_make_no_host_sync(tmp_path, monkeypatch):
         "data.num_workers=0", "model.arch=resnet20", "model.num_classes=10", "trainer.accelerator=cpu",
         "trainer.limit_val_batches=7", "logger.wandb.mode=disabled", f"run.dir={tmp_path / 'run'}",
     ])
-    recorder = _OpRecorder()
-    to_device, tensor, real_tensor = _watched_tensor()
+    watch = _HostSyncWatch(monkeypatch)
 
     class Watch(pl.Callback):
         def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-            if batch_idx == 1:
-                monkeypatch.setattr(torch, "tensor", tensor)
-                recorder.__enter__()
-            elif batch_idx == 5:
-                recorder.__exit__(None, None, None)
-                monkeypatch.setattr(torch, "tensor", real_tensor)
+            watch.steps(batch_idx)
 
     dm = build_datamodule(cfg)
     trainer = build_trainer(cfg, tmp_path / "run", for_fit=False)
     trainer.callbacks.append(Watch())
     (metrics,) = trainer.validate(build_module(cfg, dm.classes), datamodule=dm, verbose=False)
     assert metrics["val/images"] == 7 * 4
-    assert any("conv" in op for op in recorder.ops)  # the recorder saw the steps (conv2d under inference_mode)
-    syncing = sorted({op for op in recorder.ops if any(s in op for s in HOST_SYNC_OPS)})
-    assert not syncing, f"host syncs inside validation steps: {syncing}"
-    assert not to_device, f"python numbers copied to the device every step: {to_device}"
+    watch.assert_no_sync("conv", "validation")  # conv2d: not decomposed under inference_mode
 
 
 def test_progress_bar_shows_the_loss_it_no_longer_gets_from_prog_bar(tmp_path):

@@ -19,6 +19,7 @@ import torch
 from data_pipelines.datamodule import ImageNetDataModule
 from trainer.models import build_model
 from trainer.module import Classifier
+from tests.conftest import skip_without_dali
 from trainer.preemption import Preempted, RequeueOnSignal, next_hpc_path, requeue_command
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,10 +43,7 @@ def ids_root(tmp_path_factory) -> Path:
 
 def _needs(backend: str) -> None:
     if backend.startswith("dali"):
-        from data_pipelines.dali import dali_available, dali_import_error_message
-
-        if not dali_available():
-            pytest.skip(dali_import_error_message())
+        skip_without_dali()
 
 
 BACKENDS = ["torchvision", "dali_cpu"]

@@ -12,6 +12,7 @@ from data_pipelines.sample import make_sample_tree
 from trainer.callbacks import AtomicCheckpointIO
 from trainer.models import build_model
 from trainer.module import Classifier
+from tests.conftest import skip_without_dali
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +20,6 @@ def one_image_per_class(tmp_path_factory):
     """48 classes of one train image each: a batch's labels name exactly the images in it."""
     return make_sample_tree(tmp_path_factory.mktemp("ids"), num_classes=36, train_per_class=1, val_per_class=1,
                             image_size=(32, 32))
-
-
-def _needs_dali():
-    from data_pipelines.dali import dali_available, dali_import_error_message
-
-    if not dali_available():
-        pytest.skip(dali_import_error_message())
 
 
 class Interrupt(Exception):
@@ -107,7 +101,7 @@ CASES = {
 def test_resumed_run_feeds_the_same_sequence_as_an_uninterrupted_one(one_image_per_class, tmp_path, tmp_path_factory,
                                                                      backend, stop_at, where):
     if backend.startswith("dali"):
-        _needs_dali()
+        skip_without_dali()
     full = _uninterrupted(one_image_per_class, tmp_path_factory, backend)
     steps = 36 // 4
     assert len(full.seen) == 3 * steps

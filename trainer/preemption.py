@@ -72,7 +72,7 @@ def requeue_command(environ: Mapping[str, str] | None = None) -> list[str]:
     return ["scontrol", "requeue", job]
 
 
-def _hpc_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+def hpc_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(N, path) of each ``run_dir/hpc_ckpt_N.ckpt``, oldest (lowest N) first."""
     return sorted((int(m.group(1)), p) for p in run_dir.glob("hpc_ckpt_*.ckpt")
                   if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name)))
@@ -80,7 +80,7 @@ def _hpc_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def next_hpc_path(run_dir: Path) -> Path:
     """``run_dir/hpc_ckpt_N.ckpt`` with N one above the newest (Lightning's naming)."""
-    numbered = _hpc_checkpoints(run_dir)
+    numbered = hpc_checkpoints(run_dir)
     return run_dir / f"hpc_ckpt_{numbered[-1][0] + 1 if numbered else 1}.ckpt"
 
 
@@ -100,7 +100,7 @@ def prune_hpc_checkpoints(run_dir: Path, keep: int | None) -> list[Path]:
     nothing, so the last complete checkpoint is never the one removed. A file that cannot be
     deleted is logged and left: pruning must never stop a preempted job from requeueing.
     """
-    paths = [p for _, p in _hpc_checkpoints(Path(run_dir))]
+    paths = [p for _, p in hpc_checkpoints(Path(run_dir))]
     if keep is None or len(paths) <= keep:
         return []
     if not loadable(paths[-1]):

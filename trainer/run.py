@@ -213,8 +213,7 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
     (end of each epoch) and the newest ``hpc_ckpt_N.ckpt`` (written on SLURM's USR1 by
     trainer/preemption.py, mid-epoch). Both are written atomically, so neither can be a half-written file."""
     candidates = [run_dir / "checkpoints" / "last.ckpt"]
-    hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    candidates += hpc[-1:]
+    candidates += [path for _, path in preemption.hpc_checkpoints(run_dir)[-1:]]
     existing = [p for p in candidates if p.is_file()]
     return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
 
