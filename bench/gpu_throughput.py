@@ -17,7 +17,7 @@ Rows (``--rows``, in this order by default; ``--budget-s`` skips what no longer 
     torchvision         the model fed by the torchvision loader (Pillow decoding in CPU workers)
 
 Data: ``--jpegs`` generated ImageNet-size JPEGs (500x375 or 375x500, about 110 KB, quality 94;
-bench/data_throughput.py's photo-like images), hard-linked into a train/ tree as large as the timed
+data_pipelines/photos.py's photo-like images), hard-linked into a train/ tree as large as the timed
 steps need, so that no epoch ends inside a timed window (the files are read from the page cache);
 ``--root`` uses an ImageNet-layout tree instead.
 
@@ -36,7 +36,6 @@ import contextlib
 import datetime as dt
 import gc
 import json
-import multiprocessing
 import os
 import platform
 import statistics
@@ -48,7 +47,6 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -212,38 +210,16 @@ def flops_per_image(arch: str, image_size: int) -> float:
 
 
 # -- data ------------------------------------------------------------------------------------------
-def _write_photo(task: tuple[str, int, int]) -> None:
-    path, seed, portrait = task
-    sys.path.insert(0, str(REPO / "bench"))
-    from data_throughput import photo
-
-    size = (375, 500) if portrait else (500, 375)
-    photo(np.random.default_rng(seed), *size).save(path, quality=JPEG_QUALITY)
-
-
 def make_tree(root: Path, *, unique: int, total: int, classes: int = 8, workers: int = 1) -> Path:
-    """``root/train/<class>/*.JPEG``: ``unique`` generated photos hard-linked up to ``total`` files,
-    and a small ``root/val`` (the DataModule wants one). Returns ``root``."""
-    unique = max(1, min(unique, total))
-    tasks = []
-    for i in range(unique):
-        folder = root / "train" / f"n{i % classes:08d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        tasks.append((str(folder / f"img_{i:07d}.JPEG"), i, int(i % 4 == 3)))  # a quarter portrait
-    if workers > 1 and unique > 16:
-        # fork: cheap, and safe because the tree is made before CUDA starts (see main).
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            pool.map(_write_photo, tasks, chunksize=8)
-    else:
-        for task in tasks:
-            _write_photo(task)
-    for i in range(unique, total):
-        src = tasks[i % unique][0]
-        os.link(src, root / "train" / f"n{i % classes:08d}" / f"img_{i:07d}.JPEG")
-    for c in range(classes):
-        (root / "val" / f"n{c:08d}").mkdir(parents=True, exist_ok=True)
-        src = tasks[c % unique][0]
-        os.link(src, root / "val" / f"n{c:08d}" / f"val_{c:04d}.JPEG")
+    """``root/train/<class>/*.JPEG``: ``unique`` generated photos (data_pipelines/photos.py; a
+    quarter of them portrait) hard-linked up to ``total`` files, and a small ``root/val`` (the
+    DataModule wants one). Returns ``root``. With ``workers`` > 1 the photos are written by forked
+    processes: call it before CUDA starts (see main)."""
+    from data_pipelines import photos
+
+    photos.write_tree(root, "train", classes=classes, num_images=total, unique=unique,
+                      sizes=photos.IMAGENET_SIZES, quality=JPEG_QUALITY, workers=workers)
+    photos.write_tree(root, "val", classes=classes, per_class=1, unique=1, seed=1, quality=JPEG_QUALITY)
     return root
 
 

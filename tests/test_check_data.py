@@ -6,34 +6,29 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import check
+from data_pipelines import check, photos
 from data_pipelines.dali import DALILoader, dali_available
 
 W, H = 64, 48
 
 
 def _photo() -> Image.Image:
-    """Photo-like: smooth colour gradients plus noise (JPEG behaves as on real photos)."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:H, 0:W]
-    base = np.stack([x * 255 / W, y * 255 / H, 255 - (x + y) * 127 / (W + H)], axis=-1)
-    base += rng.normal(0, 12, base.shape)
-    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    """The shared photo-like image (JPEG behaves as on real photos), the same one every call."""
+    return photos.photo(0, W, H)
 
 
 def _write_valid(folder) -> dict[str, str]:
     """The valid oddities real ImageNet holds, each named .JPEG."""
     folder.mkdir(parents=True, exist_ok=True)
-    photo = _photo()
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     made = {
-        "rgb": lambda p: photo.save(p, "JPEG", quality=90),
-        "cmyk": lambda p: photo.convert("CMYK").save(p, "JPEG", quality=90),
-        "gray": lambda p: photo.convert("L").save(p, "JPEG", quality=90),
-        "png": lambda p: photo.save(p, "PNG"),  # like n02105855_2933.JPEG
-        "progressive": lambda p: photo.save(p, "JPEG", quality=90, progressive=True),
-        "exif_rotated": lambda p: photo.save(p, "JPEG", quality=90, exif=exif),
+        "rgb": lambda p: photos.write_jpeg(p, 0, W, H, quality=90),
+        "cmyk": lambda p: photos.write_jpeg(p, 0, W, H, quality=90, mode="CMYK"),
+        "gray": lambda p: photos.write_jpeg(p, 0, W, H, quality=90, mode="L"),
+        "png": lambda p: _photo().save(p, "PNG"),  # like n02105855_2933.JPEG
+        "progressive": lambda p: photos.write_jpeg(p, 0, W, H, quality=90, progressive=True),
+        "exif_rotated": lambda p: photos.write_jpeg(p, 0, W, H, quality=90, exif=exif),
     }
     paths = {}
     for name, save in made.items():
@@ -45,8 +40,7 @@ def _write_valid(folder) -> dict[str, str]:
 
 def _write_broken(folder) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
-    jpeg = folder / "_source.jpg.tmp"
-    _photo().save(jpeg, "JPEG", quality=90)
+    jpeg = photos.write_jpeg(folder / "_source.jpg.tmp", 0, W, H, quality=90)
     data = jpeg.read_bytes()
     jpeg.unlink()
     paths = {
@@ -67,7 +61,7 @@ def tree(tmp_path):
     valid = _write_valid(root / "train" / "a")
     for split, cls in (("train", "b"), ("val", "a")):
         (root / split / cls).mkdir(parents=True)
-        _photo().save(root / split / cls / "plain.JPEG", quality=90)
+        photos.write_jpeg(root / split / cls / "plain.JPEG", 0, W, H, quality=90)
     return root, valid
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from data_pipelines import sharding
+from data_pipelines import photos, sharding
 from data_pipelines.dali import DALILoader, dali_available
 
 pytestmark = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
@@ -20,24 +19,12 @@ BATCH = 3
 SIZE = 32
 
 
-def _photo(rng: np.random.Generator, w: int = 48, h: int = 40) -> Image.Image:
-    """A small photo-like image: a smooth colour gradient plus noise."""
-    y, x = np.mgrid[0:h, 0:w]
-    base = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (w + h)], axis=-1)
-    base += rng.normal(0, 20, base.shape) + rng.uniform(-60, 60, 3)
-    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> list[str]:
+    """Small photo-like JPEGs (48x40)."""
     root = tmp_path_factory.mktemp("dali")
     rng = np.random.default_rng(0)
-    paths = []
-    for i in range(NUM_IMAGES):
-        path = root / f"{i:03d}.JPEG"
-        _photo(rng).save(path, quality=90)
-        paths.append(str(path))
-    return paths
+    return [str(photos.write_jpeg(root / f"{i:03d}.JPEG", rng, 48, 40, quality=90)) for i in range(NUM_IMAGES)]
 
 
 def _loader(files, **kw) -> DALILoader:

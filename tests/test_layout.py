@@ -4,13 +4,13 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from data_pipelines import photos
 from data_pipelines.layout import DataLayoutError, scan_dataset
 from data_pipelines.sample import make_sample_tree
 
 
 def _jpeg(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (10, 20, 30)).save(path)
+    photos.write_jpeg(path, 0, 8, 8)  # a tiny photo: only the layout matters here
 
 
 def test_class_index_is_sorted_wnid_order_like_imagefolder(tiny_root):

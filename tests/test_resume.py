@@ -7,8 +7,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from data_pipelines import photos
 from data_pipelines.datamodule import ImageNetDataModule
-from data_pipelines.sample import make_sample_tree
 from trainer.callbacks import AtomicCheckpointIO
 from trainer.models import build_model
 from trainer.module import Classifier
@@ -17,9 +17,11 @@ from tests.conftest import skip_without_dali
 
 @pytest.fixture(scope="module")
 def one_image_per_class(tmp_path_factory):
-    """48 classes of one train image each: a batch's labels name exactly the images in it."""
-    return make_sample_tree(tmp_path_factory.mktemp("ids"), num_classes=36, train_per_class=1, val_per_class=1,
-                            image_size=(32, 32))
+    """36 classes of one train image each: a batch's labels name exactly the images in it."""
+    root = tmp_path_factory.mktemp("ids")
+    for split, seed in (("train", 0), ("val", 1)):
+        photos.write_tree(root, split, classes=36, per_class=1, sizes=(32, 32), seed=seed)
+    return root
 
 
 class Interrupt(Exception):
