@@ -1,17 +1,26 @@
-"""Input-pipeline throughput on the CPU: DALI decode ceiling, DALI training pipeline, torchvision.
+"""Input-pipeline throughput on the CPU, like for like: dali_cpu against torchvision on the same
+cores, producing the same output, and against the bound of a random-crop pipeline.
 
     python bench/data_throughput.py                      # generates 512 ImageNet-like JPEGs
     python bench/data_throughput.py --root /data/imagenet --images 4096 --threads 16
+    python bench/data_throughput.py --stages             # CPU cost of each dali_cpu stage
     python bench/data_throughput.py --filelist-bench     # start-up cost of a 1.28M-line file list
 
-Every backend gets the same number of CPU threads (DALI ``num_threads``, torchvision
-``num_workers``) and the same images. (dali_cpu resizes in a pool of ``num_threads`` threads of
-its own, which runs while DALI's threads wait for it: never more than ``num_threads`` busy.)
-dali_cpu is timed twice: handing over uint8 batches (what a GPU run costs the CPU: the GPU
-normalises) and normalised on this CPU (what a CPU-only run costs; the normalisation runs in
-the consuming thread, as it would in training). After one warm-up epoch each, the backends take turns, one
-epoch at a time, for ``--rounds`` rounds; the table shows the best and the median round. Prints a
-markdown table; results with their machine belong in bench/RESULTS.md.
+Fairness: the benchmark pins itself (and so every DALI thread and every torchvision worker it
+starts) to the same ``--threads`` CPU cores with ``sched_setaffinity``, and sets
+``torch.set_num_threads`` in every process (``--threads`` in this one, 1 in each torchvision
+worker, torch's DataLoader default). Inside that budget each backend runs as it does in
+training: dali_cpu with ``num_threads`` DALI decode threads plus as many resize threads (the
+resize of one batch overlaps the decode of the next; both share the pinned cores), torchvision
+with ``num_workers`` worker processes (``--sweep`` also gives it twice as many).
+
+Outputs compared: **uint8** (dali_cpu's batches as handed to a GPU, which normalises them;
+torchvision with ``PILToTensor``) and **normalised float32** (dali_cpu normalised on this CPU, as
+a CPU-only run does; torchvision with ``ToTensor`` + ``Normalize``). The bound is DALI's read +
+random-crop ROI decode alone: a random-resized-crop pipeline decodes only the crop's region,
+so full-image decode is not a ceiling. After one warm-up epoch each, the backends take turns,
+one epoch at a time, for ``--rounds`` rounds; the table shows the best and the median round.
+Prints a markdown table; results with their machine belong in bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -26,35 +35,31 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_pipelines import filelist, layout  # noqa: E402
-
-
-def photo(rng: np.random.Generator, width: int, height: int):
-    """A photo-like image: smooth colour fields, mid-frequency texture and sensor-like noise, so
-    that JPEG sizes (about 80 KB at 500x375, quality 90) and decode cost resemble ImageNet's."""
-    from PIL import Image
-
-    small = rng.integers(0, 256, (int(rng.integers(3, 7)), int(rng.integers(3, 7)), 3), dtype=np.uint8)
-    pixels = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC), np.float32)
-    texture = rng.integers(0, 256, (height // 3, width // 3), dtype=np.uint8)
-    texture = np.asarray(Image.fromarray(texture).resize((width, height), Image.BILINEAR), np.float32)
-    pixels += (texture[..., None] - 128) * 0.4 + rng.normal(0, 9, pixels.shape)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+from data_pipelines import filelist, layout, photos  # noqa: E402
 
 
 def generate(root: Path, num_images: int, num_classes: int = 8, seed: int = 0) -> None:
-    """``root/train/<class>/*.JPEG``: landscape 500x375 and portrait 375x500, as in ImageNet."""
-    rng = np.random.default_rng(seed)
-    for i in range(num_images):
-        folder = root / "train" / f"n{i % num_classes:08d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        size = (500, 375) if rng.random() < 0.75 else (375, 500)
-        photo(rng, *size).save(folder / f"img_{i:06d}.JPEG", quality=90)
+    """``root/train/<class>/*.JPEG``: ImageNet-like photos (data_pipelines/photos.py), landscape
+    500x375 and portrait 375x500, three to one, as in ImageNet; quality 90 (about 80 KB)."""
+    photos.write_tree(root, "train", classes=num_classes, num_images=num_images, seed=seed)
 
 
 # -- the timed backends ------------------------------------------------------------------------
-CEILING = "DALI read + full decode (ceiling)"
-TORCHVISION = "torchvision ImageFolder + DataLoader"
+BOUND = "DALI read + random-crop ROI decode (the bound)"
+FULL_DECODE = "DALI read + full-image decode (for reference)"
+
+
+def pin_cores(threads: int) -> list[int]:
+    """Pin this process (and the threads and workers it starts) to ``threads`` of its CPUs."""
+    cores = sorted(os.sched_getaffinity(0))[:threads] if hasattr(os, "sched_getaffinity") else []
+    if len(cores) < threads:
+        sys.exit(f"--threads {threads}: only {len(cores)} CPUs are available to this process")
+    os.sched_setaffinity(0, cores)
+    import torch
+
+    torch.set_num_threads(threads)
+    return cores
+
 
 def _rate(run_epoch) -> float:
     """Images per second of one epoch; ``run_epoch`` returns its image count."""
@@ -63,15 +68,26 @@ def _rate(run_epoch) -> float:
     return images / (time.perf_counter() - start)
 
 
+def _cpu_ms(run_epoch) -> float:
+    """Milliseconds of CPU (all of this process's threads) per image of one epoch."""
+    start = time.process_time()
+    images = run_epoch()
+    return 1e3 * (time.process_time() - start) / images
+
+
 def dali_decode_only(files, threads, batch, random_crop: bool, prefetch: int):
-    """Read + decode and nothing else: the ceiling for a CPU DALI pipeline."""
+    """Read + decode and nothing else: with ``random_crop``, the region-of-interest decode that the
+    training pipeline runs (same area and aspect ranges), which bounds it."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch, num_threads=threads, device_id=None, prefetch_queue_depth=prefetch)
     def decode(file_list):
         data, _ = fn.readers.file(files=file_list, pad_last_batch=True, name="Reader")
         if random_crop:
-            return fn.decoders.image_random_crop(data, device="cpu", output_type=types.RGB)
+            return fn.decoders.image_random_crop(
+                data, device="cpu", output_type=types.RGB, random_area=[0.08, 1.0],
+                random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=100,
+            )
         return fn.decoders.image(data, device="cpu", output_type=types.RGB)
 
     return _pipeline_epochs(decode, files, batch)
@@ -121,43 +137,46 @@ def dali_loader(files, labels, threads, batch, prefetch: int, output_device: str
     return _images_per_epoch(loader)
 
 
-def dali_resize_pipeline(files, threads, batch, prefetch: int):
-    """The previous dali_cpu train pipeline, for comparison: ROI decode, DALI's own CPU resize
-    (antialiased linear), crop_mirror_normalize to float32 CHW with a random flip."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    from data_pipelines import IMAGENET_MEAN, IMAGENET_STD
-
-    @pipeline_def(batch_size=batch, num_threads=threads, device_id=None, prefetch_queue_depth=prefetch)
-    def train(file_list):
-        data, _ = fn.readers.file(files=file_list, pad_last_batch=True, name="Reader")
-        images = fn.decoders.image_random_crop(
-            data, device="cpu", output_type=types.RGB, random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3]
-        )
-        images = fn.resize(images, resize_x=224, resize_y=224, interp_type=types.INTERP_LINEAR, antialias=True)
-        return fn.crop_mirror_normalize(
-            images, mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD],
-            mirror=fn.random.coin_flip(probability=0.5), output_layout="CHW", dtype=types.FLOAT,
-        )
-
-    return _pipeline_epochs(train, files, batch)
-
-
-def torchvision_loader(root: Path, threads, batch, repeat: int = 1):
-    """ImageFolder + RandomResizedCrop(224) + flip + ToTensor + Normalize, ``threads`` workers."""
+def torchvision_loader(files, labels, workers, batch, *, uint8: bool):
+    """Pillow decode + RandomResizedCrop(224) + flip in ``workers`` DataLoader worker processes,
+    as the torchvision backend trains: to uint8 (``PILToTensor``) or to normalised float32
+    (``ToTensor`` + ``Normalize``, the backend's own transform)."""
     import torch
-    from torchvision import datasets
+    from torchvision import transforms
 
-    from data_pipelines.torchvision_loader import train_transform
+    from data_pipelines.torchvision_loader import ImageFiles, train_transform
 
-    dataset = datasets.ImageFolder(str(root / "train"), train_transform(224))
-    dataset = torch.utils.data.ConcatDataset([dataset] * repeat)
+    transform = train_transform(224)
+    if uint8:
+        transform = transforms.Compose([*transform.transforms[:2], transforms.PILToTensor()])
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch, shuffle=True, num_workers=threads, drop_last=True,
-        persistent_workers=threads > 0,
+        ImageFiles(files, labels, transform), batch_size=batch, shuffle=True, num_workers=workers,
+        drop_last=True, persistent_workers=workers > 0,
     )
-
     return _images_per_epoch(loader)
+
+
+def stages(files, labels, threads, batch, prefetch: int) -> list[tuple[str, float, float]]:
+    """(stage, img/s, CPU ms per image) for each step the dali_cpu train loader adds, timed as a
+    whole loader (best of 3 epochs each): the ROI decode alone, + the loader's resize and flip
+    (uint8 handed over), + normalising on this CPU."""
+    rows = [
+        ("ROI decode alone (DALI read + image_random_crop)", dali_decode_only(files, threads, batch, True, prefetch)),
+        ("+ resize and flip (the loader's uint8 batches)", dali_loader(files, labels, threads, batch, prefetch, None)),
+        ("+ normalise on this CPU (float32 batches)", dali_loader(files, labels, threads, batch, prefetch)),
+    ]
+    out = []
+    for name, run_epoch in rows:
+        run_epoch()
+        rates, cpu = [], []
+        for _ in range(3):
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            n = run_epoch()
+            rates.append(n / (time.perf_counter() - start_wall))
+            cpu.append(1e3 * (time.process_time() - start_cpu) / n)
+        best = int(np.argmax(rates))
+        out.append((name, rates[best], cpu[best]))
+    return out
 
 
 # -- file list start-up ------------------------------------------------------------------------
@@ -201,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, help="an ImageNet-layout tree (default: generate one)")
     parser.add_argument("--images", type=int, default=512, help="images to use (default 512)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads per backend (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU cores for every backend (default 2)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5, help="timed epochs per backend (default 5)")
     parser.add_argument("--prefetch", type=int, default=2, help="DALI prefetch queue depth")
@@ -210,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
         help="each epoch reads every image this many times (default 4): a DALI epoch starts a new "
         "pipeline, whose start-up a 16-batch epoch would overstate; ImageNet epochs are 600+ batches",
     )
-    parser.add_argument("--sweep", action="store_true", help="also try other DALI settings")
+    parser.add_argument("--sweep", action="store_true", help="also try other prefetch depths and worker counts")
+    parser.add_argument("--stages", action="store_true", help="only time the dali_cpu stages (CPU ms per image)")
     parser.add_argument("--filelist-bench", action="store_true", help="only time a 1.28M-line file list")
     args = parser.parse_args(argv)
 
@@ -224,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
 
+    cores = pin_cores(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root
         if root is None:
@@ -235,57 +256,69 @@ def main(argv: list[str] | None = None) -> None:
         pick = np.sort(np.random.default_rng(0).permutation(len(split))[: args.images])
         files = [split.files[i] for i in pick]
         labels = [split.labels[i] for i in pick]
-        if args.root is not None:  # ImageFolder would list the whole tree: give it the subset
-            root = Path(tmp) / "subset"
-            for f in files:
-                link = root / "train" / Path(f).parent.name / Path(f).name
-                link.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(os.path.abspath(f), link)
         mean_kb = np.mean([os.path.getsize(f) for f in files]) / 1e3
         t, b, p = args.threads, args.batch_size, args.prefetch
         files, labels = files * args.repeat, labels * args.repeat
+        setting = (
+            f"{len(files) // args.repeat} JPEGs (mean {mean_kb:.0f} KB) read {args.repeat}x per epoch, batch {b}, "
+            f"crop 224, pinned to CPU cores {cores} of {os.cpu_count()}"
+        )
 
-        backends = {
-            CEILING: dali_decode_only(files, t, b, False, p),
-            "DALI read + random-crop ROI decode": dali_decode_only(files, t, b, True, p),
-            f"**dali_cpu** train loader, uint8 handed over (a GPU normalises), prefetch {p}": dali_loader(
-                files, labels, t, b, p, output_device=None
-            ),
-            f"**dali_cpu** train loader, normalised on this CPU, prefetch {p}": dali_loader(files, labels, t, b, p),
-        }
+        if args.stages:
+            print(f"\ndali_cpu train loader, stage by stage: {setting}; best of 3 epochs\n")
+            print("| stage | img/s | CPU ms per image (all threads) |\n|---|---|---|")
+            for name, rate, cpu in stages(files, labels, t, b, p):
+                print(f"| {name} | {rate:.0f} | {cpu:.3f} |")
+            return
+
+        # (name, output, threads, run_epoch); the output names the like-for-like group.
+        backends = [
+            (BOUND, "crops", f"{t} DALI", dali_decode_only(files, t, b, True, p)),
+            (FULL_DECODE, "images", f"{t} DALI", dali_decode_only(files, t, b, False, p)),
+            (f"**dali_cpu** train loader, prefetch {p}", "uint8", f"{t} DALI + {t} resize",
+             dali_loader(files, labels, t, b, p, output_device=None)),
+            ("torchvision, PILToTensor", "uint8", f"{t} workers", torchvision_loader(files, labels, t, b, uint8=True)),
+            (f"**dali_cpu** train loader, normalised on this CPU, prefetch {p}", "float32", f"{t} DALI + {t} resize",
+             dali_loader(files, labels, t, b, p)),
+            ("torchvision, ToTensor + Normalize", "float32", f"{t} workers",
+             torchvision_loader(files, labels, t, b, uint8=False)),
+        ]
         if args.sweep:
             for depth in sorted({1, 3, 4} - {p}):
-                backends[f"dali_cpu train loader, uint8 handed over, prefetch {depth}"] = dali_loader(
-                    files, labels, t, b, depth, output_device=None
-                )
-            backends["previous dali_cpu pipeline: DALI's CPU resize + normalise"] = dali_resize_pipeline(files, t, b, p)
-        backends[TORCHVISION] = torchvision_loader(root, t, b, args.repeat)
+                backends.append((f"dali_cpu train loader, prefetch {depth}", "uint8", f"{t} DALI + {t} resize",
+                                 dali_loader(files, labels, t, b, depth, output_device=None)))
+            backends.append(("torchvision, PILToTensor", "uint8", f"{2 * t} workers",
+                             torchvision_loader(files, labels, 2 * t, b, uint8=True)))
+            backends.append(("torchvision, ToTensor + Normalize", "float32", f"{2 * t} workers",
+                             torchvision_loader(files, labels, 2 * t, b, uint8=False)))
 
         # One warm-up epoch each, then rounds that time every backend once, so that load from
         # other processes falls on all of them alike; the best round is the least disturbed.
-        for run_epoch in backends.values():
+        for *_, run_epoch in backends:
             run_epoch()
-        rates: dict[str, list[float]] = {name: [] for name in backends}
+        rates: list[list[float]] = [[] for _ in backends]
         for _ in range(args.rounds):
-            for name, run_epoch in backends.items():
-                rates[name].append(_rate(run_epoch))
+            for i, (*_, run_epoch) in enumerate(backends):
+                rates[i].append(_rate(run_epoch))
 
-    ceiling, baseline = max(rates[CEILING]), max(rates[TORCHVISION])
+    bound = max(rates[0])
+    # torchvision's best row per output is the baseline dali_cpu is compared with.
+    baseline: dict[str, float] = {}
+    for (name, output, _, _), r in zip(backends, rates):
+        if name.startswith("torchvision"):
+            baseline[output] = max(baseline.get(output, 0.0), max(r))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\n{setting}; best and median of {args.rounds} interleaved epochs; load average {load:.2f} at the end\n")
     print(
-        f"\n{len(files) // args.repeat} JPEGs (mean {mean_kb:.0f} KB) read {args.repeat}x per epoch, "
-        f"batch {b}, crop 224, best and median of "
-        f"{args.rounds} interleaved epochs; {os.cpu_count()} CPUs, load average {load:.2f} at the end\n"
+        "| backend | output | threads | img/s (best) | img/s (median) | % of bound (best) | x torchvision, same output (best) |\n"
+        "|---|---|---|---|---|---|---|"
     )
-    print(
-        "| backend | threads | img/s (best) | img/s (median) | % of ceiling (best) | x torchvision (best) |\n"
-        "|---|---|---|---|---|---|"
-    )
-    for name, r in rates.items():
+    for (name, output, threads, _), r in zip(backends, rates):
+        versus = f"{max(r) / baseline[output]:.2f}" if output in baseline else "-"
         print(
-            f"| {name} | {t} | {max(r):.0f} | {np.median(r):.0f} | {100 * max(r) / ceiling:.0f}% | "
-            f"{max(r) / baseline:.2f} |"
+            f"| {name} | {output} | {threads} | {max(r):.0f} | {np.median(r):.0f} | {100 * max(r) / bound:.0f}% | {versus} |"
         )
+
 
 if __name__ == "__main__":
     main()

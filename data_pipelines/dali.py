@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch.utils.dlpack
 
 from . import IMAGENET_MEAN, IMAGENET_STD, normalize, sharding
 from .check import bad_file_message, is_data_error
@@ -128,38 +127,41 @@ def _mixed_decoder_hints(hw_decoder_load: float) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=None)
 def _resize_pool(num_threads: int) -> ThreadPoolExecutor:
-    """Threads for :func:`_resize_and_flip`, one pool per thread count, shared by every pipeline
-    of the process (idle between batches; a pipeline is rebuilt each epoch)."""
+    """Threads for :func:`resize_and_flip`, one pool per thread count, shared by every loader of
+    the process (idle between batches; a pipeline is rebuilt each epoch)."""
     return ThreadPoolExecutor(num_threads, thread_name_prefix="dali-cpu-resize")
 
 
-def _resize_and_flip(images, flips, *, size: int, num_threads: int):
-    """DALI python function: each HWC uint8 crop -> ``size`` x ``size`` CHW uint8, mirrored where
-    its flip is 1.
+def resize_and_flip(crops: Sequence[torch.Tensor], flips: Sequence[bool], *, size: int, num_threads: int) -> torch.Tensor:
+    """HWC uint8 crops of any sizes -> one ``[N, 3, size, size]`` uint8 batch, each crop mirrored
+    where its flip is true: the CPU training pipeline's resize, run by the loader.
 
-    Why not ``fn.resize``: DALI's CPU resampler took about 1 ms of a core per 224x224 crop here,
-    more than the ROI decode before it (0.8 ms); torch's antialiased bilinear kernel for uint8
-    (the one torchvision's RandomResizedCrop runs on tensors, matching Pillow's filter) takes
-    0.2 ms. The samples are split over ``num_threads`` threads; torch releases the GIL inside the
-    kernel. DALI's own threads are idle meanwhile (its CPU operators run one after another), so
-    the pipeline still keeps at most ``num_threads`` cores busy.
+    Why not DALI's ``fn.resize``: its CPU resampler took about 1 ms of a core per 224x224 crop
+    here, more than the ROI decode before it (0.7-0.9 ms); torch's antialiased bilinear kernel
+    for uint8 (the one torchvision's RandomResizedCrop runs on tensors, matching Pillow's filter
+    to within one grey level) takes 0.14-0.19 ms. Why in the loader and not in the pipeline: DALI
+    runs a pipeline's CPU operators one after another, so a resize inside it would wait for the
+    batch's decode and the decode for the resize; here the next batches decode in DALI's threads
+    (``prefetch`` ahead) while these threads resize this one. Torch releases the GIL in the kernel.
     """
-    flags = [bool(torch.from_dlpack(f).item()) for f in flips]
-    chunk = -(-len(images) // num_threads)
+    batch = torch.empty((len(crops), 3, size, size), dtype=torch.uint8)
+    chunk = -(-len(crops) // num_threads)
     parts = [
-        _resize_pool(num_threads).submit(_resize_chunk, images[i : i + chunk], flags[i : i + chunk], size)
-        for i in range(0, len(images), chunk)
+        _resize_pool(num_threads).submit(_resize_into, batch, start, crops[start : start + chunk], flips[start : start + chunk])
+        for start in range(0, len(crops), chunk)
     ]
-    return [torch.utils.dlpack.to_dlpack(out) for part in parts for out in part.result()]
+    for part in parts:
+        part.result()  # re-raises a worker's error here
+    return batch
 
 
-def _resize_chunk(images, flags: list[bool], size: int) -> list[torch.Tensor]:
-    out = []
-    for image, flip in zip(images, flags):
-        chw = torch.from_dlpack(image).permute(2, 0, 1).unsqueeze(0)  # a view: HWC strides
-        resized = F.interpolate(chw, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-        out.append(resized.flip(-1) if flip else resized)  # contiguous CHW either way
-    return out
+def _resize_into(batch: torch.Tensor, start: int, crops: Sequence[torch.Tensor], flips: Sequence[bool]) -> None:
+    size = batch.shape[-2:]
+    for i, (crop, flip) in enumerate(zip(crops, flips), start):
+        # A channels_last view of the HWC crop: torch's fastest uint8 path, no copy of the input.
+        chw = crop.permute(2, 0, 1).unsqueeze(0)
+        resized = F.interpolate(chw, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        batch[i] = resized.flip(-1) if flip else resized
 
 
 @pipeline_def(enable_conditionals=False)
@@ -179,10 +181,12 @@ def train_pipeline(
 
     ``device="gpu"``: decoded by nvJPEG (``mixed``), resized, flipped and normalised on the GPU:
     CHW in ``dtype`` (HWC with ``channels_last``: the loader views it as a channels_last NCHW
-    tensor, so the model gets its memory layout without a copy). ``device="cpu"``: decoded by libjpeg-turbo, resized and flipped by
-    :func:`_resize_and_flip`, and left **uint8** CHW (``dtype`` is not used): the consumer
-    normalises on its device (:func:`data_pipelines.normalize`), which moves 4x fewer bytes
-    and keeps the normalisation off the CPU when training runs on a GPU.
+    tensor, so the model gets its memory layout without a copy); outputs ``(images, labels)``.
+    ``device="cpu"``: decoded by libjpeg-turbo; outputs ``(crops, flips, labels)``, the crops
+    HWC uint8 at their decoded sizes (``dtype`` is not used). The loader resizes and flips them
+    (:func:`resize_and_flip`) while DALI decodes the next batch, and hands over **uint8** CHW:
+    the consumer normalises on its device (:func:`data_pipelines.normalize`), which moves 4x
+    fewer bytes and keeps the normalisation off the CPU when training runs on a GPU.
 
     Pipeline arguments (``batch_size``, ``num_threads``, ``device_id``, ``seed``,
     ``prefetch_queue_depth``) are given at call time, as for any ``@pipeline_def``.
@@ -199,14 +203,8 @@ def train_pipeline(
         **(_mixed_decoder_hints(hw_decoder_load) if gpu else {}),
     )
     flip = fn.random.coin_flip(probability=0.5)
-    if not gpu:
-        from nvidia.dali.pipeline import Pipeline
-
-        resize = functools.partial(_resize_and_flip, size=crop, num_threads=Pipeline.current().num_threads)
-        images = fn.dl_tensor_python_function(
-            images, flip, function=resize, batch_processing=True, output_layouts="CHW"
-        )
-        return images, labels_out
+    if not gpu:  # the crops, their flips and labels: the loader resizes (resize_and_flip)
+        return images, flip, labels_out
     images = fn.resize(
         images, resize_x=crop, resize_y=crop, interp_type=types.INTERP_LINEAR, antialias=True
     )
@@ -442,19 +440,13 @@ class DALILoader:
         files = [self.files[i] for i in idx]
         steps, step = len(self), start
         pipe = self._pipe = self._build(files, self.labels[idx].tolist(), start)
-        batches = None
+        outputs = None
         try:
             while step < steps:
                 try:
-                    if batches is None:  # its constructor already runs the pipeline
-                        batches = self._iter = DALIGenericIterator(
-                            [pipe],
-                            ["images", "labels"],
-                            reader_name="Reader",
-                            auto_reset=False,  # rebuilt every epoch instead
-                            last_batch_policy=LastBatchPolicy.PARTIAL,  # train lists are whole batches
-                        )
-                    out = next(batches)[0]
+                    if outputs is None:  # the first batch is requested: start the pipeline
+                        outputs = self._outputs(pipe)
+                    images, labels = next(outputs)
                 except StopIteration:
                     return
                 except RuntimeError as err:
@@ -469,7 +461,7 @@ class DALILoader:
                 if self.train:  # the position moves when a batch is handed out
                     self._epoch, self._step = (self._epoch + 1, 0) if step == steps else (self._epoch, step)
                 batch = model_batch(
-                    out["images"], out["labels"], dtype=_DTYPES[self.dtype], channels_last=self.channels_last,
+                    images, labels, dtype=_DTYPES[self.dtype], channels_last=self.channels_last,
                     device=self.output_device,
                 )
                 if step == steps:
@@ -477,13 +469,38 @@ class DALILoader:
                     # and device buffers, GBs with the mixed decoder) now, before the consumer
                     # validates or starts the next epoch, rather than when it asks past the end.
                     # The batch's tensors stay valid: DALI's outputs live as long as they are referenced.
-                    batches = None
+                    outputs = None
                     self._release(pipe)
                 yield batch
         finally:
             # Only this iteration's pipeline: an abandoned iterator may be collected after a
             # newer one started.
             self._release(pipe)
+
+    def _outputs(self, pipe) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The built pipeline's batches as torch tensors ``(images, labels)``, as DALI made them
+        (normalised on the GPU, uint8 from a CPU pipeline)."""
+        if self.device == "cpu" and self.train:
+            # Crops of different sizes, which DALI's iterator cannot stack: run the pipeline
+            # directly. ``run`` keeps ``prefetch`` batches decoding in DALI's threads meanwhile.
+            while True:
+                crops, flips, labels = pipe.run()
+                flags = np.asarray(flips.as_tensor()).reshape(-1).astype(bool).tolist()
+                images = resize_and_flip(
+                    [torch.from_dlpack(crops[i]) for i in range(len(crops))], flags,
+                    size=self.image_size, num_threads=self.num_threads,
+                )
+                yield images, torch.from_numpy(np.asarray(labels.as_tensor()).copy())
+        # Its constructor already runs the pipeline.
+        batches = self._iter = DALIGenericIterator(
+            [pipe],
+            ["images", "labels"],
+            reader_name="Reader",
+            auto_reset=False,  # rebuilt every epoch instead
+            last_batch_policy=LastBatchPolicy.PARTIAL,  # train lists are whole batches
+        )
+        for out in batches:
+            yield out[0]["images"], out[0]["labels"]
 
     def _release(self, pipe) -> None:
         if self._pipe is pipe:

@@ -7,28 +7,21 @@ import torch
 from PIL import Image
 
 from data_pipelines import IMAGENET_MEAN, IMAGENET_STD, normalize
-from data_pipelines import dali
+from data_pipelines import dali, photos
 
 needs_dali = pytest.mark.skipif(not dali.dali_available(), reason="NVIDIA DALI is not installed")
 
 
 def _photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Smooth colour fields plus texture and noise, like a photo's crop."""
-    small = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
-    pixels = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), np.float32)
-    pixels += rng.normal(0, 12, pixels.shape)
-    return np.clip(pixels, 0, 255).astype(np.uint8)
+    """The shared photo-like image (smooth colour fields, texture and noise) as HWC pixels, like a photo's crop."""
+    return np.array(photos.photo(rng, w, h))
 
 
 def _resize(crops: list[np.ndarray], flips: list[int], size: int, threads: int = 2) -> list[torch.Tensor]:
-    """Call the pipeline's python function as DALI does: lists of DLPack-able arrays in, capsules out."""
-    capsules = dali._resize_and_flip(  # noqa: SLF001
-        [torch.from_numpy(c) for c in crops],
-        [torch.tensor(f, dtype=torch.int32) for f in flips],
-        size=size,
-        num_threads=threads,
-    )
-    return [torch.from_dlpack(c) for c in capsules]
+    """The loader's resize of HWC uint8 crops, as it gets them from DALI."""
+    batch = dali.resize_and_flip([torch.from_numpy(c) for c in crops], [bool(f) for f in flips], size=size,
+                                 num_threads=threads)
+    return list(batch)
 
 
 @pytest.mark.parametrize("shape", [(300, 280), (433, 380), (150, 120), (700, 520)])
@@ -55,7 +48,7 @@ def test_flip_mirrors_exactly_and_only_the_flagged_samples():
 
 
 @needs_dali
-def test_cpu_train_pipeline_hands_over_uint8_crops_flipped_half_the_time(tmp_path):
+def test_cpu_train_loader_hands_over_uint8_crops_flipped_half_the_time(tmp_path):
     """An image whose red rises from left to right keeps that order in every random crop unless
     flipped: each output must be monotonic one way or the other, and both ways must occur."""
     h, w = 120, 160
@@ -64,14 +57,9 @@ def test_cpu_train_pipeline_hands_over_uint8_crops_flipped_half_the_time(tmp_pat
     ramp[..., 1] = 90
     path = tmp_path / "ramp.JPEG"
     Image.fromarray(ramp).save(path, quality=95)
-    pipe = dali.train_pipeline([str(path)] * 32, [0] * 32, crop=48, device="cpu", batch_size=32, num_threads=2,
-                               device_id=None, seed=3)
-    pipe.build()
-    try:
-        images, _ = pipe.run()
-        batch = torch.from_numpy(np.array(images.as_tensor()))
-    finally:
-        pipe._shutdown()  # noqa: SLF001
+    loader = dali.DALILoader([str(path)] * 32, [0] * 32, train=True, batch_size=32, image_size=48, device="cpu",
+                             num_threads=2, seed=3, output_device=None)
+    ((batch, _),) = list(loader)
     assert batch.dtype == torch.uint8 and batch.shape == (32, 3, 48, 48)
     red = batch[:, 0].float().mean(dim=1)  # [N, W]: the red profile of each crop
     slope = red[:, -4:].mean(1) - red[:, :4].mean(1)
@@ -103,8 +91,7 @@ def test_loader_without_output_device_hands_over_the_pixels_it_would_normalise(t
     rng = np.random.default_rng(2)
     files = []
     for i in range(6):
-        files.append(str(tmp_path / f"{i}.JPEG"))
-        Image.fromarray(_photo(rng, 40, 48)).save(files[-1], quality=90)
+        files.append(str(photos.write_jpeg(tmp_path / f"{i}.JPEG", rng, 48, 40, quality=90)))
     kwargs = dict(train=False, batch_size=3, image_size=32, val_resize=36, device="cpu", num_threads=1)
     raw = [x for x, _ in dali.DALILoader(files, [0] * 6, output_device=None, **kwargs)]
     normed = [x for x, _ in dali.DALILoader(files, [0] * 6, **kwargs)]
