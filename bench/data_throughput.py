@@ -127,12 +127,10 @@ def dali_loader(files, labels, threads, batch, prefetch: int, output_device: str
     """The training loader as it runs in training (per-epoch rebuild included). ``output_device``
     "cpu": batches normalised on this CPU, as when training on the CPU; ``None``: the uint8
     batches the pipeline hands over, which a GPU run normalises on the GPU."""
-    from data_pipelines.dali import DALILoader
+    from data_pipelines.dali import DALILoader, PipelineOptions
 
-    loader = DALILoader(
-        files, labels, train=True, batch_size=batch, image_size=224, seed=0,
-        device="cpu", device_id=None, num_threads=threads, prefetch=prefetch, output_device=output_device,
-    )
+    options = PipelineOptions(device="cpu", num_threads=threads, prefetch=prefetch, output_device=output_device)
+    loader = DALILoader(files, labels, train=True, batch_size=batch, seed=0, options=options)
 
     return _images_per_epoch(loader)
 

@@ -246,15 +246,15 @@ def synthetic_batches(batch: int, image_size: int, device: torch.device):
 
 
 def dali_loader(args, device: torch.device, files, labels, dtype: str, channels_last: bool):
-    from data_pipelines.dali import DALILoader
+    from data_pipelines.dali import DALILoader, PipelineOptions
 
     on_gpu = device.type == "cuda"
-    return DALILoader(
-        files, labels, train=True, batch_size=args.batch, image_size=args.image_size,
-        val_resize=args.image_size, seed=0, device="gpu" if on_gpu else "cpu",
+    options = PipelineOptions(
+        image_size=args.image_size, val_resize=args.image_size, device="gpu" if on_gpu else "cpu",
         device_id=(device.index or 0) if on_gpu else None, num_threads=args.threads, dtype=dtype,
         channels_last=channels_last,  # as the DataModule of a fit gives it: no layout copy per step
     )
+    return DALILoader(files, labels, train=True, batch_size=args.batch, seed=0, options=options)
 
 
 def endless(loader, device: torch.device):

@@ -104,7 +104,7 @@ def prepare(work: Path, args) -> Path:
 def rank_main(root: str, batch_size: int, threads: int) -> None:
     """What a training rank runs before its first step; prints when each part ended (epoch s)."""
     from data_pipelines import layout
-    from data_pipelines.dali import DALILoader
+    from data_pipelines.dali import DALILoader, PipelineOptions
     from data_pipelines.datamodule import ImageNetDataModule
 
     imported = time.time()
@@ -119,9 +119,10 @@ def rank_main(root: str, batch_size: int, threads: int) -> None:
     listed = time.time()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     # The arguments ImageNetDataModule passes on a CPU run (dali_cpu, normalised on this CPU).
-    loader = DALILoader(train.files, train.labels, train=True, batch_size=batch_size, image_size=IMAGE_SIZE,
-                        val_resize=VAL_RESIZE, shard_id=rank, num_shards=world, seed=SEED, device="cpu",
-                        num_threads=threads, output_device="cpu")
+    options = PipelineOptions(image_size=IMAGE_SIZE, val_resize=VAL_RESIZE, device="cpu", num_threads=threads,
+                              output_device="cpu")
+    loader = DALILoader(train.files, train.labels, train=True, batch_size=batch_size, shard_id=rank,
+                        num_shards=world, seed=SEED, options=options)
     images, _ = next(iter(loader))
     assert tuple(images.shape) == (batch_size, 3, IMAGE_SIZE, IMAGE_SIZE)
     marks = {"imported": imported, "listed": listed, "first_batch": time.time()}

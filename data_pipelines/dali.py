@@ -24,6 +24,7 @@ import functools
 import math
 import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -258,9 +259,55 @@ def pipeline_seed(seed: int, epoch: int, shard_id: int, start_step: int = 0) -> 
     return int(state) & 0x7FFF_FFFF
 
 
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How a :class:`DALILoader` decodes and hands over its batches; what it reads, for which
+    rank, is the loader's own arguments. Checked when made: a bad value fails here, by name.
+
+    ``device``: "gpu" (nvJPEG, the ``mixed`` decoder, on CUDA device ``device_id``) or "cpu"
+    (libjpeg-turbo). ``dtype``: of the normalised images (float32, float16 or bfloat16; a torch
+    dtype is accepted). ``output_device``: where a CPU pipeline's uint8 batches are normalised
+    (``None``: handed over as uint8). ``hw_decoder_load``: the share of images given to the
+    A100/H100 hardware JPEG decoder. ``use_mmap``: read files through mmap (off for some
+    network filesystems).
+    """
+
+    image_size: int = 224
+    val_resize: int = 256
+    device: str = "gpu"
+    device_id: int | None = None
+    num_threads: int = 4
+    dtype: str = "float32"
+    prefetch: int = 2
+    hw_decoder_load: float = 0.65
+    use_mmap: bool = True
+    output_device: str | torch.device | None = "cpu"
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dtype, torch.dtype):
+            object.__setattr__(self, "dtype", {v: k for k, v in _DTYPES.items()}.get(self.dtype, str(self.dtype)))
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: expected one of {', '.join(_DTYPES)}")
+        if self.device not in ("gpu", "cpu"):
+            raise ValueError(f"device={self.device!r}: expected 'gpu' or 'cpu'")
+        if self.device == "gpu" and self.device_id is None:
+            raise ValueError("device='gpu' needs device_id (the CUDA device index of this rank)")
+        if self.val_resize < self.image_size:
+            raise ValueError(f"val_resize={self.val_resize} is smaller than image_size={self.image_size}")
+        if self.num_threads < 1 or self.prefetch < 1:
+            raise ValueError("num_threads and prefetch must be at least 1")
+        # DALI's device name is "gpu", torch's "cuda": a GPU pipeline's batches stay on its device.
+        output = torch.device("cuda", self.device_id) if self.device == "gpu" else self.output_device
+        object.__setattr__(self, "output_device", None if output is None else torch.device(output))
+        if self.device == "cpu":
+            object.__setattr__(self, "device_id", None)
+
+
 class DALILoader:
     """Batches ``(images, labels)`` of one rank, rebuilt from :mod:`sharding` every epoch.
 
+    How it decodes and where its batches go are its ``options`` (:class:`PipelineOptions`).
     ``images`` are normalised NCHW float tensors, ``labels`` int64 of shape [N], both on GPU
     ``device_id`` for ``device="gpu"``. With ``device="cpu"`` the pipeline hands over uint8 pixels,
     which are moved to ``output_device`` (default: the CPU) and normalised there, so a GPU that
@@ -295,60 +342,28 @@ class DALILoader:
         *,
         train: bool,
         batch_size: int,
-        image_size: int = 224,
-        val_resize: int = 256,
         shard_id: int = 0,
         num_shards: int = 1,
         seed: int = 0,
-        device: str = "gpu",
-        device_id: int | None = None,
-        num_threads: int = 4,
-        dtype: str | torch.dtype = "float32",
-        prefetch: int = 2,
-        hw_decoder_load: float = 0.65,
-        use_mmap: bool = True,
-        output_device: str | torch.device | None = "cpu",
-        channels_last: bool = False,
+        options: PipelineOptions,
     ) -> None:
         require_dali()
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
-        if device not in ("gpu", "cpu"):
-            raise ValueError(f"device={device!r}: expected 'gpu' or 'cpu'")
-        if device == "gpu" and device_id is None:
-            raise ValueError("device='gpu' needs device_id (the CUDA device index of this rank)")
-        if device == "gpu" and not torch.cuda.is_available():
+        if options.device == "gpu" and not torch.cuda.is_available():
             raise RuntimeError("device='gpu' but CUDA is not available here: use device='cpu'")
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id={shard_id} is outside [0, num_shards={num_shards})")
-        if isinstance(dtype, torch.dtype):
-            dtype = {v: k for k, v in _DTYPES.items()}.get(dtype, str(dtype))
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(_DTYPES)}")
-        if val_resize < image_size:
-            raise ValueError(f"val_resize={val_resize} is smaller than image_size={image_size}")
-        if batch_size < 1 or num_threads < 1 or prefetch < 1:
-            raise ValueError("batch_size, num_threads and prefetch must be at least 1")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be at least 1")
         self.files = [str(f) for f in files]
         self.labels = np.asarray(labels, dtype=np.int64)
         self.train = train
         self.batch_size = batch_size
-        self.image_size = image_size
-        self.val_resize = val_resize
         self.shard_id = shard_id
         self.num_shards = num_shards
         self.seed = seed
-        self.device = device
-        self.device_id = device_id if device == "gpu" else None
-        self.num_threads = num_threads
-        self.dtype = dtype
-        self.prefetch = prefetch
-        self.hw_decoder_load = hw_decoder_load
-        self.use_mmap = use_mmap
-        self.channels_last = channels_last
-        if device == "gpu":  # DALI's device name is "gpu", torch's "cuda"
-            output_device = torch.device("cuda", device_id)
-        self.output_device = None if output_device is None else torch.device(output_device)
+        self.options = options
         self._epoch = 0
         self._step = 0
         self._pipe = None
@@ -416,20 +431,20 @@ class DALILoader:
         (building a GPU pipeline needs CUDA; defining its graph does not)."""
         common = dict(
             batch_size=self.batch_size,
-            num_threads=self.num_threads,
-            device_id=self.device_id,
+            num_threads=self.options.num_threads,
+            device_id=self.options.device_id,
             seed=pipeline_seed(self.seed, self._epoch if self.train else 0, self.shard_id, start_step),
-            prefetch_queue_depth=self.prefetch,
-            device=self.device,
-            dtype=self.dtype,
-            channels_last=self.channels_last,
-            hw_decoder_load=self.hw_decoder_load,
-            use_mmap=self.use_mmap,
+            prefetch_queue_depth=self.options.prefetch,
+            device=self.options.device,
+            dtype=self.options.dtype,
+            channels_last=self.options.channels_last,
+            hw_decoder_load=self.options.hw_decoder_load,
+            use_mmap=self.options.use_mmap,
         )
         if self.train:
-            pipe = train_pipeline(files, labels, crop=self.image_size, **common)
+            pipe = train_pipeline(files, labels, crop=self.options.image_size, **common)
         else:
-            pipe = val_pipeline(files, labels, image_size=self.image_size, val_resize=self.val_resize, **common)
+            pipe = val_pipeline(files, labels, image_size=self.options.image_size, val_resize=self.options.val_resize, **common)
         return pipe
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -455,14 +470,14 @@ class DALILoader:
                     # DALI was asked for batch ``step``; its reader may have failed a batch ahead of
                     # it and its decoder up to ``prefetch`` batches ahead.
                     first = (step - start) * self.batch_size
-                    in_flight = files[first : first + (self.prefetch + 2) * self.batch_size]
+                    in_flight = files[first : first + (self.options.prefetch + 2) * self.batch_size]
                     raise RuntimeError(bad_file_message(str(err), in_flight, self.files)) from err
                 step += 1
                 if self.train:  # the position moves when a batch is handed out
                     self._epoch, self._step = (self._epoch + 1, 0) if step == steps else (self._epoch, step)
                 batch = model_batch(
-                    images, labels, dtype=_DTYPES[self.dtype], channels_last=self.channels_last,
-                    device=self.output_device,
+                    images, labels, dtype=_DTYPES[self.options.dtype], channels_last=self.options.channels_last,
+                    device=self.options.output_device,
                 )
                 if step == steps:
                     # The last batch: free the pipeline (its threads, and the decoder's pinned host
@@ -480,7 +495,7 @@ class DALILoader:
     def _outputs(self, pipe) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The built pipeline's batches as torch tensors ``(images, labels)``, as DALI made them
         (normalised on the GPU, uint8 from a CPU pipeline)."""
-        if self.device == "cpu" and self.train:
+        if self.options.device == "cpu" and self.train:
             # Crops of different sizes, which DALI's iterator cannot stack: run the pipeline
             # directly. ``run`` keeps ``prefetch`` batches decoding in DALI's threads meanwhile.
             while True:
@@ -488,7 +503,7 @@ class DALILoader:
                 flags = np.asarray(flips.as_tensor()).reshape(-1).astype(bool).tolist()
                 images = resize_and_flip(
                     [torch.from_dlpack(crops[i]) for i in range(len(crops))], flags,
-                    size=self.image_size, num_threads=self.num_threads,
+                    size=self.options.image_size, num_threads=self.options.num_threads,
                 )
                 yield images, torch.from_numpy(np.asarray(labels.as_tensor()).copy())
         # Its constructor already runs the pipeline.

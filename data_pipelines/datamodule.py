@@ -216,7 +216,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         )
 
     def _dali(self, split: layout.Split, *, train: bool, rank: int, world: int):
-        from data_pipelines.dali import DALILoader
+        from data_pipelines.dali import DALILoader, PipelineOptions
 
         on_gpu = self.backend == "dali_gpu"
         device_id = None
@@ -224,10 +224,11 @@ class ImageNetDataModule(pl.LightningDataModule):
             device_id = self.trainer.strategy.root_device.index if self.trainer is not None else 0
         # dali_cpu on a GPU run: the uint8 batch goes to the GPU and is normalised there.
         output_device = self.trainer.strategy.root_device if (self.on_gpu and self.trainer is not None) else "cpu"
-        return DALILoader(
-            split.files, split.labels, train=train, batch_size=self.batch_size, image_size=self.image_size,
-            val_resize=self.val_resize, shard_id=rank, num_shards=world, seed=self.seed,
-            device="gpu" if on_gpu else "cpu", device_id=device_id, num_threads=max(1, self.num_workers),
+        options = PipelineOptions(
+            image_size=self.image_size, val_resize=self.val_resize, device="gpu" if on_gpu else "cpu",
+            device_id=device_id, num_threads=max(1, self.num_workers),
             dtype=self.gpu_dtype if self.on_gpu else "float32", output_device=output_device,
             channels_last=self.channels_last,
         )
+        return DALILoader(split.files, split.labels, train=train, batch_size=self.batch_size, shard_id=rank,
+                          num_shards=world, seed=self.seed, options=options)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines import check, photos
-from data_pipelines.dali import DALILoader, dali_available
+from data_pipelines.dali import DALILoader, PipelineOptions, dali_available
 
 W, H = 64, 48
 
@@ -75,8 +75,8 @@ def test_valid_oddities_decode_to_rgb_in_dali(tree):
     _, valid = tree
     files = list(valid.values())
     loader = DALILoader(
-        files, list(range(len(files))), train=False, batch_size=len(files), image_size=32,
-        val_resize=40, device="cpu", device_id=None, num_threads=1,
+        files, list(range(len(files))), train=False, batch_size=len(files),
+        options=PipelineOptions(image_size=32, val_resize=40, device="cpu", num_threads=1),
     )
     (images, labels), = list(loader)
     assert images.shape == (len(files), 3, 32, 32)

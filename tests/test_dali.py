@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data_pipelines import photos, sharding
-from data_pipelines.dali import DALILoader, dali_available
+from data_pipelines.dali import DALILoader, PipelineOptions, dali_available
 
 pytestmark = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
 
@@ -28,18 +28,12 @@ def files(tmp_path_factory) -> list[str]:
 
 
 def _loader(files, **kw) -> DALILoader:
-    args = dict(
-        labels=list(range(len(files))),
-        batch_size=BATCH,
-        image_size=SIZE,
-        val_resize=36,
-        seed=7,
-        device="cpu",
-        device_id=None,
-        num_threads=1,
-    )
-    args.update(kw)
-    return DALILoader(files, args.pop("labels"), **args)
+    """A CPU loader over ``files``; ``kw`` sets the loader's arguments and its PipelineOptions' fields."""
+    args = dict(labels=list(range(len(files))), batch_size=BATCH, seed=7)
+    options = dict(image_size=SIZE, val_resize=36, device="cpu", num_threads=1)
+    for key, value in kw.items():
+        (options if key in PipelineOptions.__dataclass_fields__ else args)[key] = value
+    return DALILoader(files, args.pop("labels"), options=PipelineOptions(**options), **args)
 
 
 def _labels(loader) -> list[list[int]]:
@@ -249,3 +243,18 @@ def test_lightning_epochs_cut_short_still_follow_sharding(files):
         ).reshape(-1, BATCH)[:2]
     ]
     assert model.seen == expected
+
+
+def test_pipeline_options_name_a_bad_value_when_made():
+    """The options are checked where they are written, before any loader or pipeline exists."""
+    with pytest.raises(ValueError, match="device='tpu'"):
+        PipelineOptions(device="tpu")
+    with pytest.raises(ValueError, match="device_id"):
+        PipelineOptions(device="gpu")
+    with pytest.raises(ValueError, match="val_resize=200 is smaller than image_size=224"):
+        PipelineOptions(device="cpu", val_resize=200)
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        PipelineOptions(device="cpu", dtype="int8")
+    assert PipelineOptions(device="cpu", dtype=torch.bfloat16).dtype == "bfloat16"
+    assert PipelineOptions(device="cpu", output_device=None).output_device is None
+    assert PipelineOptions(device="cpu", device_id=3).device_id is None  # a CPU pipeline has no device

@@ -57,8 +57,8 @@ def test_cpu_train_loader_hands_over_uint8_crops_flipped_half_the_time(tmp_path)
     ramp[..., 1] = 90
     path = tmp_path / "ramp.JPEG"
     Image.fromarray(ramp).save(path, quality=95)
-    loader = dali.DALILoader([str(path)] * 32, [0] * 32, train=True, batch_size=32, image_size=48, device="cpu",
-                             num_threads=2, seed=3, output_device=None)
+    options = dali.PipelineOptions(image_size=48, device="cpu", num_threads=2, output_device=None)
+    loader = dali.DALILoader([str(path)] * 32, [0] * 32, train=True, batch_size=32, seed=3, options=options)
     ((batch, _),) = list(loader)
     assert batch.dtype == torch.uint8 and batch.shape == (32, 3, 48, 48)
     red = batch[:, 0].float().mean(dim=1)  # [N, W]: the red profile of each crop
@@ -92,8 +92,10 @@ def test_loader_without_output_device_hands_over_the_pixels_it_would_normalise(t
     files = []
     for i in range(6):
         files.append(str(photos.write_jpeg(tmp_path / f"{i}.JPEG", rng, 48, 40, quality=90)))
-    kwargs = dict(train=False, batch_size=3, image_size=32, val_resize=36, device="cpu", num_threads=1)
-    raw = [x for x, _ in dali.DALILoader(files, [0] * 6, output_device=None, **kwargs)]
-    normed = [x for x, _ in dali.DALILoader(files, [0] * 6, **kwargs)]
+    kwargs = dict(image_size=32, val_resize=36, device="cpu", num_threads=1)
+    raw = [x for x, _ in dali.DALILoader(files, [0] * 6, train=False, batch_size=3,
+                                         options=dali.PipelineOptions(output_device=None, **kwargs))]
+    normed = [x for x, _ in dali.DALILoader(files, [0] * 6, train=False, batch_size=3,
+                                            options=dali.PipelineOptions(**kwargs))]
     assert all(x.dtype == torch.uint8 and x.shape == (3, 3, 32, 32) for x in raw)
     assert all(torch.equal(normalize(r), n) for r, n in zip(raw, normed))

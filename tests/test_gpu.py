@@ -47,9 +47,11 @@ def test_dali_gpu_validation_batches_equal_dali_cpu(tiny_root):
     more on sharp colour edges: a small mean difference, and few large ones."""
     dali = _dali()
     val = _split(tiny_root, "val")
-    kwargs = dict(train=False, batch_size=8, image_size=32, val_resize=36, num_threads=2)
-    gpu = dali.DALILoader(val.files, val.labels, device="gpu", device_id=0, **kwargs)
-    cpu = dali.DALILoader(val.files, val.labels, device="cpu", **kwargs)
+    kwargs = dict(image_size=32, val_resize=36, num_threads=2)
+    gpu = dali.DALILoader(val.files, val.labels, train=False, batch_size=8,
+                          options=dali.PipelineOptions(device="gpu", device_id=0, **kwargs))
+    cpu = dali.DALILoader(val.files, val.labels, train=False, batch_size=8,
+                          options=dali.PipelineOptions(device="cpu", **kwargs))
     first = next(iter(gpu))
     assert first[0].is_cuda and first[1].is_cuda and first[1].dtype == torch.int64
     gpu.release()
@@ -68,12 +70,14 @@ def test_dali_cpu_batches_are_normalised_on_the_gpu_they_are_sent_to(tiny_root):
     values the CPU computes."""
     dali = _dali()
     val = _split(tiny_root, "val")
-    kwargs = dict(train=False, batch_size=8, image_size=32, val_resize=36, num_threads=2, device="cpu")
-    on_gpu = dali.DALILoader(val.files, val.labels, output_device="cuda:0", **kwargs)
+    kwargs = dict(image_size=32, val_resize=36, num_threads=2, device="cpu")
+    on_gpu = dali.DALILoader(val.files, val.labels, train=False, batch_size=8,
+                             options=dali.PipelineOptions(output_device="cuda:0", **kwargs))
     images, labels = next(iter(on_gpu))
     assert images.is_cuda and images.dtype == torch.float32 and labels.is_cuda and labels.dtype == torch.int64
     on_gpu.release()
-    got, want = _batches(on_gpu), _batches(dali.DALILoader(val.files, val.labels, **kwargs))
+    here = dali.DALILoader(val.files, val.labels, train=False, batch_size=8, options=dali.PipelineOptions(**kwargs))
+    got, want = _batches(on_gpu), _batches(here)
     torch.testing.assert_close(torch.cat([b[0] for b in got]), torch.cat([b[0] for b in want]), rtol=0, atol=1e-5)
     assert torch.equal(torch.cat([b[1] for b in got]), torch.cat([b[1] for b in want]))
 
@@ -83,8 +87,9 @@ def test_dali_cpu_batches_are_normalised_on_the_gpu_they_are_sent_to(tiny_root):
 def test_dali_gpu_training_batches_are_normalised_on_the_device(tiny_root, dtype, channels_last):
     dali = _dali()
     train = _split(tiny_root, "train")
-    loader = dali.DALILoader(train.files, train.labels, train=True, batch_size=8, image_size=32, device="gpu",
-                             device_id=0, num_threads=2, dtype=dtype, channels_last=channels_last)
+    options = dali.PipelineOptions(image_size=32, device="gpu", device_id=0, num_threads=2, dtype=dtype,
+                                   channels_last=channels_last)
+    loader = dali.DALILoader(train.files, train.labels, train=True, batch_size=8, options=options)
     try:
         images, labels = next(iter(loader))
         assert images.is_cuda and images.dtype == getattr(torch, dtype) and images.shape == (8, 3, 32, 32)

@@ -42,9 +42,10 @@ def _train_files(root: Path):
 @pytest.mark.parametrize("train", [True, False])
 def test_dali_gpu_loader_builds_and_puts_its_batches_on_the_cuda_device(pretend_cuda, train):
     """Bug: ``torch.device("gpu", 0)`` raised in the constructor, so every dali_gpu loader failed."""
-    loader = dali.DALILoader(["a.jpg"], [0], train=train, batch_size=1, device="gpu", device_id=0)
-    assert loader.output_device == torch.device("cuda", 0)
-    assert loader.device_id == 0
+    loader = dali.DALILoader(["a.jpg"], [0], train=train, batch_size=1,
+                             options=dali.PipelineOptions(device="gpu", device_id=0))
+    assert loader.options.output_device == torch.device("cuda", 0)
+    assert loader.options.device_id == 0
 
 
 def _specs(pipe) -> dict[str, dict[str, str]]:
@@ -70,8 +71,9 @@ def test_dali_gpu_pipelines_define_their_graph_with_valid_arguments(pretend_cuda
     has the layout and dtype the loader expects. Building the backend is the first step that
     needs CUDA, and it fails for that reason only."""
     files, labels = _train_files(tiny_root)
-    loader = dali.DALILoader(files, labels, train=train, batch_size=4, image_size=32, val_resize=36,
-                             device="gpu", device_id=0, dtype=dtype, channels_last=channels_last, num_threads=2)
+    options = dali.PipelineOptions(image_size=32, val_resize=36, device="gpu", device_id=0, dtype=dtype,
+                                   channels_last=channels_last, num_threads=2)
+    loader = dali.DALILoader(files, labels, train=train, batch_size=4, options=options)
     pipe = loader.pipeline(files[:8], labels[:8])
     specs = _specs(pipe)
     decoder = specs["decoders__ImageRandomCrop" if train else "decoders__Image"]
@@ -91,7 +93,8 @@ def test_dali_gpu_pipelines_define_their_graph_with_valid_arguments(pretend_cuda
 
 def test_dali_cpu_pipeline_keeps_its_graph_on_the_cpu(tiny_root):
     files, labels = _train_files(tiny_root)
-    loader = dali.DALILoader(files, labels, train=True, batch_size=4, image_size=32, device="cpu")
+    loader = dali.DALILoader(files, labels, train=True, batch_size=4,
+                             options=dali.PipelineOptions(image_size=32, device="cpu"))
     specs = _specs(loader.pipeline(files[:8], labels[:8]))
     assert {args["device"] for args in specs.values()} == {"cpu"}
 
@@ -129,9 +132,11 @@ def test_a_dali_gpu_batch_reaches_the_model_with_at_most_one_copy(dtype):
 
 def test_dali_cpu_batches_come_normalised_in_channels_last(tiny_root):
     files, labels = _train_files(tiny_root)
-    kwargs = dict(train=True, batch_size=8, image_size=32, device="cpu", num_threads=1, seed=3)
-    last = dali.DALILoader(files, labels, channels_last=True, **kwargs)
-    plain = dali.DALILoader(files, labels, channels_last=False, **kwargs)
+    kwargs = dict(image_size=32, device="cpu", num_threads=1)
+    last = dali.DALILoader(files, labels, train=True, batch_size=8, seed=3,
+                           options=dali.PipelineOptions(channels_last=True, **kwargs))
+    plain = dali.DALILoader(files, labels, train=True, batch_size=8, seed=3,
+                            options=dali.PipelineOptions(channels_last=False, **kwargs))
     (a, la), (b, lb) = next(iter(last)), next(iter(plain))
     last.release(), plain.release()
     assert a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous()
@@ -163,7 +168,8 @@ def test_the_pipeline_is_freed_when_its_last_batch_is_handed_out(tiny_root, trai
     consumer asks for more, and that batch stays valid."""
     train_split, val_split = layout.scan_dataset(tiny_root)
     split = train_split if train else val_split
-    kwargs = dict(train=train, batch_size=4, image_size=32, val_resize=36, device="cpu", num_threads=1, seed=5)
+    kwargs = dict(train=train, batch_size=4, seed=5,
+                  options=dali.PipelineOptions(image_size=32, val_resize=36, device="cpu", num_threads=1))
     loader = dali.DALILoader(split.files, split.labels, **kwargs)
     it = iter(loader)
     batches = []

@@ -16,7 +16,7 @@ from torchvision import transforms as T
 
 pytest.importorskip("nvidia.dali")
 
-from data_pipelines.dali import DALILoader  # noqa: E402
+from data_pipelines.dali import DALILoader, PipelineOptions  # noqa: E402
 from data_pipelines.photos import photo  # noqa: E402
 from data_pipelines.sample import render  # noqa: E402
 from data_pipelines.torchvision_loader import IMAGENET_MEAN, IMAGENET_STD, load_rgb  # noqa: E402
@@ -38,8 +38,8 @@ def photos(tmp_path_factory):
 
 
 def test_dali_val_matches_torchvision_resize_and_centre_crop(photos):
-    loader = DALILoader(photos, [0] * len(photos), train=False, batch_size=len(photos), image_size=224,
-                        val_resize=256, device="cpu", num_threads=1)
+    loader = DALILoader(photos, [0] * len(photos), train=False, batch_size=len(photos),
+                        options=PipelineOptions(image_size=224, val_resize=256, device="cpu", num_threads=1))
     dali = next(iter(loader))[0]
     normalise = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     for k, path in enumerate(photos):
