@@ -9,10 +9,13 @@ the job was requeued (it resumes), 143 on SIGTERM, 3 when the requeue failed.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 from trainer.config import ConfigError, experiments, load_config, to_yaml
 
@@ -46,18 +49,102 @@ def _overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except ConfigError as err:
+        print(f"imagenet-trainer: config error: {err}", file=sys.stderr)
+        return 2
+
+
 def _parser() -> argparse.ArgumentParser:
+    """The command line: one subparser per entry of VERBS, in its order (the order of --help)."""
     parser = argparse.ArgumentParser(
         prog="imagenet-trainer",
         description="Distributed ImageNet training of ResNets (and their plain twins) with Lightning.",
         epilog=f"experiments: {', '.join(experiments())}",
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for add, _ in VERBS.values():
+        add(sub)
+    return parser
 
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """The exit code of running ``args.verb`` with ``args``; a ConfigError goes up to main."""
+    # Imported ahead of every verb, not only under fit and validate that catch its DataLayoutError,
+    # as the CLI always has: it imports torch too, so moving it would change what every other verb loads.
+    importlib.import_module("data_pipelines.layout")
+    _, run = VERBS[args.verb]
+    return run(args)
+
+
+def _model_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``run`` with a missing file, a bad value or a failed load reported as ``imagenet-trainer VERB:
+    ...`` and exit code 2 (the verbs on models and runs: export, predict, plot)."""
+    @functools.wraps(run)
+    def guarded(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (FileNotFoundError, ValueError, RuntimeError) as err:
+            print(f"imagenet-trainer {args.verb}: {err}", file=sys.stderr)
+            return 2
+    return guarded
+
+
+def _data_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``run`` with a bad data tree or value reported as ``imagenet-trainer: ...`` and exit code 2
+    (fit, validate); a ConfigError still goes up to main."""
+    @functools.wraps(run)
+    def guarded(args: argparse.Namespace) -> int:
+        from data_pipelines.layout import DataLayoutError
+
+        try:
+            return run(args)
+        except (DataLayoutError, ValueError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            print(f"imagenet-trainer: {err}", file=sys.stderr)
+            return 2
+    return guarded
+
+
+def _add_fit(sub) -> None:
     p = sub.add_parser("fit", help="train", description="Train a model.", epilog=FIT_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _overrides(p)
 
+
+@_data_errors
+def _run_fit(args: argparse.Namespace) -> int:
+    """Train; 0 when done (a summary printed on rank 0), or the preemption's exit code."""
+    cfg = load_config(args.overrides)
+    from trainer.preemption import Preempted
+    from trainer.run import fit
+
+    try:
+        summary = fit(cfg)
+    except Preempted as stop:
+        from pytorch_lightning.utilities import rank_zero_only
+
+        if rank_zero_only.rank == 0:
+            print(f"imagenet-trainer: {stop}", file=sys.stderr)
+        return stop.exit_code
+    if summary is None:  # not rank 0
+        return 0
+    print(
+        f"done: val top-1 {summary.get('val/top1', float('nan')):.4f}, "
+        f"top-5 {summary.get('val/top5', float('nan')):.4f} on {int(summary.get('val/images', 0))} images "
+        f"after {summary['epochs']} epochs ({summary['global_step']} steps)\n"
+        f"best checkpoint: {summary['best_ckpt']}\n"
+        f"summary: {Path(cfg.run.dir) / 'summary.json'}"
+    )
+    return 0
+
+
+def _add_validate(sub) -> None:
     p = sub.add_parser("validate", help="validate a checkpoint",
                        description="Top-1/top-5 of a checkpoint on the val split (data.root from the checkpoint "
                                    "unless overridden); prints them and writes them as JSON.")
@@ -66,9 +153,40 @@ def _parser() -> argparse.ArgumentParser:
                    help="where to write the JSON result (default: RUN_DIR/validate.json beside checkpoints/)")
     _overrides(p)
 
+
+@_data_errors
+def _run_validate(args: argparse.Namespace) -> int:
+    """Validate a checkpoint; global rank 0 prints the result and writes it as JSON."""
+    from trainer.run import validate_checkpoint
+
+    result = validate_checkpoint(args.ckpt, args.overrides)
+    if result is None:  # not global rank 0: rank 0 prints and writes the result
+        return 0
+    out = Path(args.json_out) if args.json_out else _default_json_path(args.ckpt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  images {result['images']}  ({out})")
+    return 0
+
+
+def _default_json_path(ckpt: str) -> Path:
+    path = Path(ckpt).resolve()
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return run_dir / "validate.json"
+
+
+def _add_print_config(sub) -> None:
     p = sub.add_parser("print-config", help="print the resolved config as YAML")
     _overrides(p)
 
+
+def _run_print_config(args: argparse.Namespace) -> int:
+    """Print the resolved config as YAML."""
+    print(to_yaml(load_config(args.overrides)), end="")
+    return 0
+
+
+def _add_sample_data(sub) -> None:
     p = sub.add_parser("sample-data", help="write a small ImageNet-layout JPEG tree",
                        description="Write DIR/train/<wnid>/*.JPEG and DIR/val/<wnid>/*.JPEG: coloured shapes on "
                                    "noise, learnable but not trivially.")
@@ -79,6 +197,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="80x64", help="WIDTHxHEIGHT of the images (default 80x64)")
     p.add_argument("--seed", type=int, default=0)
 
+
+def _run_sample_data(args: argparse.Namespace) -> int:
+    """Write the sample tree; 2 when --size is not WIDTHxHEIGHT."""
+    from data_pipelines.sample import make_sample_tree
+
+    try:
+        w, h = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        print(f"imagenet-trainer: --size={args.size!r} must be WIDTHxHEIGHT, e.g. 80x64", file=sys.stderr)
+        return 2
+    root = make_sample_tree(args.dir, args.classes, args.train_per_class, args.val_per_class, (w, h), args.seed)
+    print(f"wrote {args.classes} classes ({args.train_per_class} train, {args.val_per_class} val each) to {root}")
+    return 0
+
+
+def _add_submit(sub) -> None:
     p = sub.add_parser("submit", help="render slurm/train.sbatch for this config and sbatch it",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Render slurm/train.sbatch with these SLURM options and config overrides, "
@@ -96,12 +230,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--script-dir", default="runs/sbatch", help="where rendered scripts are kept (default runs/sbatch)")
     _overrides(p)
 
+
+def _run_submit(args: argparse.Namespace) -> int:
+    """Render the job script and sbatch it (or print it); submit's exit code."""
+    from trainer.slurm import job_spec, submit
+
+    cfg = load_config(args.overrides)  # a bad override fails here, not after hours in the queue
+    spec = job_spec(args, args.job_name or cfg.experiment or "imagenet-trainer")
+    return submit(spec, args.overrides, dry_run=args.dry_run, wait=args.wait, script_dir=Path(args.script_dir))
+
+
+def _add_check_data(sub) -> None:
     p = sub.add_parser("check-data", help="decode every image of a tree and report bad files",
                        description="Decodes every file under ROOT/train and ROOT/val in parallel; prints each bad "
                                    "file with its reason. Exit 1 if any is bad, 0 when clean.")
     p.add_argument("root")
     p.add_argument("--workers", type=int, default=None, help="parallel decoders (default: CPU count)")
 
+
+def _run_check_data(args: argparse.Namespace) -> int:
+    """Decode every image of the tree; 1 if any is bad, 0 when clean."""
+    from data_pipelines.check import main as check_main
+
+    return check_main(args.root, args.workers)
+
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint as a torchvision state_dict, safetensors or ONNX",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Export a Lightning checkpoint for use without this project, with a JSON sidecar "
@@ -114,6 +268,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", dest="fmt", default="torchvision", choices=["torchvision", "safetensors", "onnx"])
     p.add_argument("--out", default=None, help="output file (default: beside CKPT, .pt/.safetensors/.onnx)")
 
+
+@_model_errors
+def _run_export(args: argparse.Namespace) -> int:
+    """Write the exported model and its JSON sidecar."""
+    from trainer.export import export_checkpoint
+
+    meta = export_checkpoint(args.ckpt, args.out, args.fmt)
+    print(f"wrote {meta['path']} ({args.fmt}, {meta['arch']}, {meta['num_classes']} classes) "
+          f"and {meta['sidecar']}")
+    return 0
+
+
+def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="top-k classes of image files or folders",
                        description="Top-k class names and probabilities for image files, or every image under "
                                    "folders. MODEL: a .ckpt, an exported file, or wandb:ENTITY/PROJECT/NAME:ALIAS.")
@@ -123,51 +290,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", dest="as_json", action="store_true", help="print a JSON list instead of text lines")
 
+
+@_model_errors
+def _run_predict(args: argparse.Namespace) -> int:
+    """Print each file's top-k classes; 1 when some file could not be read, else 0."""
+    from trainer.predict import find_images, format_results, predict_files
+    from trainer.pretrained import load_pretrained
+
+    if args.topk < 1 or args.batch_size < 1:
+        raise ValueError(f"--topk={args.topk} and --batch-size={args.batch_size} must be at least 1")
+    files = find_images(args.paths)
+    results = predict_files(load_pretrained(args.model), files, topk=args.topk, batch_size=args.batch_size)
+    print(json.dumps(results, indent=2) if args.as_json else format_results(results))
+    failed = [r["path"] for r in results if "error" in r]
+    if failed:
+        print(f"imagenet-trainer predict: {len(failed)} of {len(results)} files could not be read "
+              f"(run `imagenet-trainer check-data` on their tree)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _add_plot(sub) -> None:
     p = sub.add_parser("plot", help="draw a run's curves (loss, top-1/top-5, lr, images/s) into a PNG",
                        description="Reads RUN_DIR/metrics.csv (written by every fit, with or without W&B) and "
                                    "draws loss, top-1/top-5, learning rate and images/s against the step.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", default=None, help="PNG file (default RUN_DIR/metrics.png)")
 
-    from trainer.study import STUDY_EPILOG, add_arguments as add_study_arguments
 
-    p = sub.add_parser("study", help="train plain and residual nets alike and plot their errors (He et al. 2015)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=STUDY_EPILOG,
-                       description="The degradation study: plain and residual nets of two depths trained with one "
-                                   "recipe, seed and data; their training and validation error curves in one figure.")
-    add_study_arguments(p)
-    return parser
-
-
-def _default_json_path(ckpt: str) -> Path:
-    path = Path(ckpt).resolve()
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return run_dir / "validate.json"
-
-
-def _model_verb(args: argparse.Namespace) -> int:
-    """export, predict and plot: plain arguments, no config."""
-    if args.verb == "export":
-        from trainer.export import export_checkpoint
-
-        meta = export_checkpoint(args.ckpt, args.out, args.fmt)
-        print(f"wrote {meta['path']} ({args.fmt}, {meta['arch']}, {meta['num_classes']} classes) "
-              f"and {meta['sidecar']}")
-        return 0
-    if args.verb == "predict":
-        from trainer.predict import find_images, format_results, predict_files
-        from trainer.pretrained import load_pretrained
-
-        if args.topk < 1 or args.batch_size < 1:
-            raise ValueError(f"--topk={args.topk} and --batch-size={args.batch_size} must be at least 1")
-        files = find_images(args.paths)
-        results = predict_files(load_pretrained(args.model), files, topk=args.topk, batch_size=args.batch_size)
-        print(json.dumps(results, indent=2) if args.as_json else format_results(results))
-        failed = [r["path"] for r in results if "error" in r]
-        if failed:
-            print(f"imagenet-trainer predict: {len(failed)} of {len(results)} files could not be read "
-                  f"(run `imagenet-trainer check-data` on their tree)", file=sys.stderr)
-        return 1 if failed else 0
+@_model_errors
+def _run_plot(args: argparse.Namespace) -> int:
+    """Draw the run's metrics.csv into a PNG."""
     from trainer.plot import plot_run
 
     out, drawn = plot_run(args.run_dir, args.out)
@@ -175,95 +327,36 @@ def _model_verb(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return _dispatch(args)
-    except ConfigError as err:
-        print(f"imagenet-trainer: config error: {err}", file=sys.stderr)
-        return 2
+def _add_study(sub) -> None:
+    from trainer.study import STUDY_EPILOG, add_arguments as add_study_arguments
+
+    p = sub.add_parser("study", help="train plain and residual nets alike and plot their errors (He et al. 2015)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=STUDY_EPILOG,
+                       description="The degradation study: plain and residual nets of two depths trained with one "
+                                   "recipe, seed and data; their training and validation error curves in one figure.")
+    add_study_arguments(p)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    from data_pipelines.layout import DataLayoutError
+def _run_study(args: argparse.Namespace) -> int:
+    """The study's own exit code (trainer/study.py)."""
+    from trainer.study import main as study_main
 
-    verb = args.verb
-    if verb == "print-config":
-        print(to_yaml(load_config(args.overrides)), end="")
-        return 0
-    if verb == "sample-data":
-        from data_pipelines.sample import make_sample_tree
+    return study_main(args)
 
-        try:
-            w, h = (int(v) for v in args.size.lower().split("x"))
-        except ValueError:
-            print(f"imagenet-trainer: --size={args.size!r} must be WIDTHxHEIGHT, e.g. 80x64", file=sys.stderr)
-            return 2
-        root = make_sample_tree(args.dir, args.classes, args.train_per_class, args.val_per_class, (w, h), args.seed)
-        print(f"wrote {args.classes} classes ({args.train_per_class} train, {args.val_per_class} val each) to {root}")
-        return 0
-    if verb == "submit":
-        from trainer.slurm import job_spec, submit
 
-        cfg = load_config(args.overrides)  # a bad override fails here, not after hours in the queue
-        spec = job_spec(args, args.job_name or cfg.experiment or "imagenet-trainer")
-        return submit(spec, args.overrides, dry_run=args.dry_run, wait=args.wait, script_dir=Path(args.script_dir))
-    if verb == "study":
-        from trainer.study import main as study_main
-
-        return study_main(args)
-    if verb == "check-data":
-        from data_pipelines.check import main as check_main
-
-        return check_main(args.root, args.workers)
-    if verb in ("export", "predict", "plot"):
-        try:
-            return _model_verb(args)
-        except (FileNotFoundError, ValueError, RuntimeError) as err:
-            print(f"imagenet-trainer {verb}: {err}", file=sys.stderr)
-            return 2
-    try:
-        if verb == "fit":
-            cfg = load_config(args.overrides)
-            from trainer.preemption import Preempted
-            from trainer.run import fit
-
-            try:
-                summary = fit(cfg)
-            except Preempted as stop:
-                from pytorch_lightning.utilities import rank_zero_only
-
-                if rank_zero_only.rank == 0:
-                    print(f"imagenet-trainer: {stop}", file=sys.stderr)
-                return stop.exit_code
-            if summary is None:  # not rank 0
-                return 0
-            print(
-                f"done: val top-1 {summary.get('val/top1', float('nan')):.4f}, "
-                f"top-5 {summary.get('val/top5', float('nan')):.4f} on {int(summary.get('val/images', 0))} images "
-                f"after {summary['epochs']} epochs ({summary['global_step']} steps)\n"
-                f"best checkpoint: {summary['best_ckpt']}\n"
-                f"summary: {Path(cfg.run.dir) / 'summary.json'}"
-            )
-            return 0
-        if verb == "validate":
-            from trainer.run import validate_checkpoint
-
-            result = validate_checkpoint(args.ckpt, args.overrides)
-            if result is None:  # not global rank 0: rank 0 prints and writes the result
-                return 0
-            out = Path(args.json_out) if args.json_out else _default_json_path(args.ckpt)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
-            print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  images {result['images']}  ({out})")
-            return 0
-    except (DataLayoutError, ValueError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        print(f"imagenet-trainer: {err}", file=sys.stderr)
-        return 2
-    raise AssertionError(f"unhandled verb {verb}")
+# Each verb: (add its subparser, run it and return the exit code). The order is --help's.
+VERBS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
+    "fit": (_add_fit, _run_fit),
+    "validate": (_add_validate, _run_validate),
+    "print-config": (_add_print_config, _run_print_config),
+    "sample-data": (_add_sample_data, _run_sample_data),
+    "submit": (_add_submit, _run_submit),
+    "check-data": (_add_check_data, _run_check_data),
+    "export": (_add_export, _run_export),
+    "predict": (_add_predict, _run_predict),
+    "plot": (_add_plot, _run_plot),
+    "study": (_add_study, _run_study),
+}
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def wants_gpu(cfg: DictConfig) -> bool:
 
 def input_dtype(precision: str) -> str:
     """The image dtype the model consumes under ``trainer.precision``, for the data pipeline to emit
-    (DALILoader's ``dtype``): half-precision runs need no float32 batch and no cast of it."""
+    (PipelineOptions' ``dtype``): half-precision runs need no float32 batch and no cast of it."""
     if precision.startswith("bf16"):
         return "bfloat16"
     if precision.startswith("16"):
@@ -106,30 +106,75 @@ def build_module(cfg: DictConfig, classes: list[str]) -> Classifier:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Trainer:
+    """The Trainer for ``cfg``, writing under ``run_dir``: with checkpoints, loggers and preemption
+    handling when ``for_fit``, without them for a validation; DDP when there is more than one device."""
     t = cfg.trainer
     alloc = slurm.allocation()
-    try:
-        devices, num_nodes = slurm.resolve_devices(t.devices, t.num_nodes, alloc)
-    except slurm.SlurmConfigError as err:
-        raise ConfigError(str(err)) from None
+    devices, num_nodes = _cluster_counts(cfg, alloc)
     distributed = num_nodes > 1 or (isinstance(devices, int) and devices > 1)
     on_gpu = wants_gpu(cfg)
     if on_gpu:
         use_fast_gpu_math(t.deterministic)
+    plugins = _plugins(alloc)
+    tty = sys.stdout.isatty()
+    callbacks = _callbacks(cfg, run_dir, for_fit, alloc=alloc, on_gpu=on_gpu, tty=tty)
+    loggers = _loggers(cfg, run_dir, for_fit)
+    return pl.Trainer(
+        **_settings(t),
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy="ddp" if distributed else "auto",
+        callbacks=callbacks,
+        logger=loggers or False,
+        enable_progress_bar=tty,
+        enable_checkpointing=for_fit,
+        default_root_dir=str(run_dir),
+        plugins=plugins,
+        # Our loaders shard by global rank themselves (data_pipelines/sharding.py).
+        use_distributed_sampler=False,
+        # Two validation batches before training (Lightning's sanity check): a broken validation
+        # pipeline fails in seconds, not after the first ImageNet epoch.
+        num_sanity_val_steps=2,
+    )
+
+
+def _cluster_counts(cfg: DictConfig, alloc: slurm.Allocation | None) -> tuple[object, int]:
+    """(devices, num_nodes) from trainer.devices and trainer.num_nodes, checked against and filled
+    in from the SLURM allocation ``alloc`` (None outside one); a mismatch is a ConfigError."""
+    try:
+        return slurm.resolve_devices(cfg.trainer.devices, cfg.trainer.num_nodes, alloc)
+    except slurm.SlurmConfigError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _plugins(alloc: slurm.Allocation | None) -> list:
+    """Atomic checkpoint writes; inside a SLURM allocation also SLURM's cluster environment, with
+    Lightning's own requeue off."""
     plugins: list = [AtomicCheckpointIO()]
-    callbacks: list[pl.Callback] = []
     if alloc is not None:
         # Lightning's own USR1 handler checkpoints inside the signal handler and can deadlock
         # DDP; RequeueOnSignal checkpoints at a step every rank agrees on (trainer/preemption.py).
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    if for_fit:
-        preemption.listen()  # from now: SIGUSR1's default action would end the process
-        requeue = preemption.requeue_command() if alloc is not None else None
-        callbacks.append(preemption.RequeueOnSignal(run_dir, requeue=requeue, keep=cfg.run.keep_hpc_checkpoints))
-    tty = sys.stdout.isatty()
-    loggers = []
+    return plugins
+
+
+def _signal_handling(cfg: DictConfig, run_dir: Path, alloc: slurm.Allocation | None) -> pl.Callback:
+    """Records SIGUSR1 from now on, and returns the callback that checkpoints on it at a step every
+    rank agrees on, requeueing the job when inside a SLURM allocation."""
+    preemption.listen()  # from now: SIGUSR1's default action would end the process
+    requeue = preemption.requeue_command() if alloc is not None else None
+    return preemption.RequeueOnSignal(run_dir, requeue=requeue, keep=cfg.run.keep_hpc_checkpoints)
+
+
+def _callbacks(cfg: DictConfig, run_dir: Path, for_fit: bool, *, alloc: slurm.Allocation | None,
+               on_gpu: bool, tty: bool) -> list[pl.Callback]:
+    """The callbacks in the order Lightning calls them: for a fit, preemption handling, checkpoints,
+    throughput and recorded samples; always, the release of validation pipelines and the progress."""
+    t = cfg.trainer
+    callbacks: list[pl.Callback] = []
     if for_fit:
         callbacks += [
+            _signal_handling(cfg, run_dir, alloc),
             ModelCheckpoint(
                 dirpath=run_dir / "checkpoints",
                 filename="best-epoch{epoch:03d}",
@@ -143,19 +188,28 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Traine
         ]
         if cfg.run.record_samples:
             callbacks.append(RecordSamples(cfg.run.record_samples))
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
-        wandb_logger = _wandb_logger(cfg, run_dir)
-        if wandb_logger is not None:
-            loggers.append(wandb_logger)  # after the CSVLogger: trainer.log_dir stays run_dir
     callbacks.append(ReleaseValidationPipelines())
     # Each redraw of the bar reads the loss back to the host (a GPU sync): not every step there.
     bar_every = min(10, t.log_every_n_steps) if on_gpu else 1
     callbacks.append(ProgressBar(refresh_rate=bar_every) if tty else PlainProgress(every=t.log_every_n_steps))
-    return pl.Trainer(
+    return callbacks
+
+
+def _loggers(cfg: DictConfig, run_dir: Path, for_fit: bool) -> list:
+    """For a fit, the CSVLogger into ``run_dir`` and then W&B when enabled; none otherwise."""
+    if not for_fit:
+        return []
+    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    wandb_logger = _wandb_logger(cfg, run_dir)
+    if wandb_logger is not None:
+        loggers.append(wandb_logger)  # after the CSVLogger: trainer.log_dir stays run_dir
+    return loggers
+
+
+def _settings(t: DictConfig) -> dict:
+    """The Trainer arguments taken as they are from the config's ``trainer`` section."""
+    return dict(
         accelerator=t.accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy="ddp" if distributed else "auto",
         precision=t.precision,
         max_epochs=t.max_epochs,
         log_every_n_steps=t.log_every_n_steps,
@@ -164,17 +218,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Traine
         limit_val_batches=t.limit_val_batches,
         gradient_clip_val=t.gradient_clip_val,
         deterministic=t.deterministic,
-        callbacks=callbacks,
-        logger=loggers or False,
-        enable_progress_bar=tty,
-        enable_checkpointing=for_fit,
-        default_root_dir=str(run_dir),
-        plugins=plugins,
-        # Our loaders shard by global rank themselves (data_pipelines/sharding.py).
-        use_distributed_sampler=False,
-        # Two validation batches before training (Lightning's sanity check): a broken validation
-        # pipeline fails in seconds, not after the first ImageNet epoch.
-        num_sanity_val_steps=2,
     )
 
 
