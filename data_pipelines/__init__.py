@@ -11,18 +11,25 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32, *, channels_last: bool = False) -> torch.Tensor:
+def normalize(
+    images: torch.Tensor, dtype: torch.dtype = torch.float32, *, channels_last: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """uint8 NCHW pixels -> ``(x / 255 - mean) / std`` in ``dtype``, on ``images``' device, in the
     channels_last memory format when asked (written that way, not copied into it afterwards).
 
-    One multiply and one add into a fresh float32 tensor (the scale and offset fold 255, mean
-    and std); half-precision outputs are cast from it, as DALI's normaliser does.
+    One multiply and one add into a float32 tensor (the scale and offset fold 255, mean and std):
+    ``out`` when given (float32, the shape of ``images``, in the asked layout), else a fresh one;
+    half-precision outputs are cast from it, as DALI's normaliser does.
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 images of shape [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
     scale, offset = _scale_offset(images.device)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=layout)
+    if out is None:
+        out = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=layout)
+    elif out.dtype != torch.float32 or out.shape != images.shape or not out.is_contiguous(memory_format=layout):
+        raise ValueError(f"out must be float32 {tuple(images.shape)} in {layout}, got {out.dtype} {tuple(out.shape)}")
     torch.mul(images, scale, out=out)
     out.add_(offset)
     return out if dtype == torch.float32 else out.to(dtype)  # preserve_format: keeps the layout

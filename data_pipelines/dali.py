@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import IMAGENET_MEAN, IMAGENET_STD, normalize, sharding
+from .buffers import BufferPool
 from .check import bad_file_message, is_data_error
 
 
@@ -133,7 +134,9 @@ def _resize_pool(num_threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(num_threads, thread_name_prefix="dali-cpu-resize")
 
 
-def resize_and_flip(crops: Sequence[torch.Tensor], flips: Sequence[bool], *, size: int, num_threads: int) -> torch.Tensor:
+def resize_and_flip(
+    crops: Sequence[torch.Tensor], flips: Sequence[bool], *, size: int, num_threads: int, out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """HWC uint8 crops of any sizes -> one ``[N, 3, size, size]`` uint8 batch, each crop mirrored
     where its flip is true: the CPU training pipeline's resize, run by the loader.
 
@@ -144,8 +147,9 @@ def resize_and_flip(crops: Sequence[torch.Tensor], flips: Sequence[bool], *, siz
     runs a pipeline's CPU operators one after another, so a resize inside it would wait for the
     batch's decode and the decode for the resize; here the next batches decode in DALI's threads
     (``prefetch`` ahead) while these threads resize this one. Torch releases the GIL in the kernel.
+    ``out``: the uint8 batch to write (else a new one).
     """
-    batch = torch.empty((len(crops), 3, size, size), dtype=torch.uint8)
+    batch = torch.empty((len(crops), 3, size, size), dtype=torch.uint8) if out is None else out
     chunk = -(-len(crops) // num_threads)
     parts = [
         _resize_pool(num_threads).submit(_resize_into, batch, start, crops[start : start + chunk], flips[start : start + chunk])
@@ -368,6 +372,8 @@ class DALILoader:
         self._step = 0
         self._pipe = None
         self._iter = None
+        # Host batches written again once released: a fresh one costs page faults every batch.
+        self._buffers = BufferPool(keep=8)
         # Lightning calls ``loader.sampler.set_epoch(epoch)`` at every epoch start, as for a
         # DataLoader with a DistributedSampler; this keeps the loader on Lightning's epoch when an
         # epoch ends early (limit_train_batches, max_steps) without wiring in the caller.
@@ -477,7 +483,7 @@ class DALILoader:
                     self._epoch, self._step = (self._epoch + 1, 0) if step == steps else (self._epoch, step)
                 batch = model_batch(
                     images, labels, dtype=_DTYPES[self.options.dtype], channels_last=self.options.channels_last,
-                    device=self.options.output_device,
+                    device=self.options.output_device, buffers=self._buffers,
                 )
                 if step == steps:
                     # The last batch: free the pipeline (its threads, and the decoder's pinned host
@@ -501,9 +507,10 @@ class DALILoader:
             while True:
                 crops, flips, labels = pipe.run()
                 flags = np.asarray(flips.as_tensor()).reshape(-1).astype(bool).tolist()
+                size = self.options.image_size
                 images = resize_and_flip(
-                    [torch.from_dlpack(crops[i]) for i in range(len(crops))], flags,
-                    size=self.options.image_size, num_threads=self.options.num_threads,
+                    [torch.from_dlpack(crops[i]) for i in range(len(crops))], flags, size=size,
+                    num_threads=self.options.num_threads, out=self._buffers.take((len(crops), 3, size, size), torch.uint8),
                 )
                 yield images, torch.from_numpy(np.asarray(labels.as_tensor()).copy())
         # Its constructor already runs the pipeline.
@@ -533,7 +540,7 @@ class DALILoader:
 
 def model_batch(
     images: torch.Tensor, labels: torch.Tensor, *, dtype: torch.dtype, channels_last: bool,
-    device: torch.device | None,
+    device: torch.device | None, buffers: BufferPool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A DALI output -> the batch the model consumes, with at most one pass over the images.
 
@@ -541,14 +548,18 @@ def model_batch(
     which becomes an NCHW *view* with channels_last strides (no copy); only bfloat16 is cast here
     (DALI has no bfloat16 output), keeping the layout. From a CPU pipeline they are uint8 NCHW:
     sent to ``device`` (``None``: handed over as they are) and normalised there in one pass,
-    straight into ``dtype`` and the layout.
+    straight into ``dtype`` and the layout (into a released buffer of ``buffers`` when that is
+    float32 on the CPU).
     """
     labels = labels.reshape(-1)
     if images.dtype == torch.uint8:
         if device is None:
             return images, labels.long()
         images, labels = _to_device(images, device), _to_device(labels, device)
-        return normalize(images, dtype, channels_last=channels_last), labels.long()
+        out = None
+        if buffers is not None and device.type == "cpu" and dtype == torch.float32:
+            out = buffers.take(tuple(images.shape), torch.float32, channels_last=channels_last)
+        return normalize(images, dtype, channels_last=channels_last, out=out), labels.long()
     if channels_last:
         images = images.permute(0, 3, 1, 2)
     if images.dtype != dtype:

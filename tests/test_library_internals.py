@@ -65,3 +65,21 @@ def test_dali_pipeline_shutdown_and_graph_definition():
     p.build()
     p._shutdown()  # noqa: SLF001
     p._shutdown()  # noqa: SLF001 - a second call does nothing
+
+
+def test_torch_storage_use_count_counts_every_tensor_on_the_memory():
+    """data_pipelines/buffers.py reuses a batch's memory only when ``torch._C._storage_Use_Count``
+    says no other tensor refers to it; a view or an alias must count."""
+    import torch
+
+    from data_pipelines.buffers import _others_hold
+
+    buffer = torch.empty(8)
+    assert not _others_hold(buffer)
+    alias = buffer.detach()
+    assert _others_hold(buffer)
+    del alias
+    view = buffer[2:4]
+    assert _others_hold(buffer)
+    del view
+    assert not _others_hold(buffer)
