@@ -26,6 +26,7 @@ setup(
         "omegaconf>=2.3",
         "numpy>=1.24",
         "pillow>=10",
+        "timm>=1.0",  # LARS/LAMB optimisers and the BlurPool layer of the fast recipes
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130>=2.0"],

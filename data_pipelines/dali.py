@@ -32,9 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import IMAGENET_MEAN, IMAGENET_STD, normalize, sharding
+from . import IMAGENET_MEAN, IMAGENET_STD, augment, normalize, sharding
 from .buffers import BufferPool
 from .check import bad_file_message, is_data_error
+from .resolution import ResolutionSchedule, train_size
 
 
 # nvJPEG buffer sizes that fit the largest ImageNet image, so that the mixed decoder never
@@ -48,6 +49,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 try:
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.auto_aug import rand_augment, trivial_augment
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
     _DALI_IMPORT_ERROR: BaseException | None = None
@@ -169,6 +171,24 @@ def _resize_into(batch: torch.Tensor, start: int, crops: Sequence[torch.Tensor],
         batch[i] = resized.flip(-1) if flip else resized
 
 
+def _auto_augment(images, name: str, shape):
+    """DALI's own automatic augmentation ``name`` (:data:`augment.AUTO_AUGMENTS`) of HWC uint8
+    ``images`` on their device, with torchvision's settings (``data_pipelines/augment.py``).
+    ``shape``: the images' (H, W), a DataNode for crops of different sizes: translations are a
+    fraction of each image's side. It picks operations per sample with ``if`` on DataNodes, so the
+    pipeline must be defined with ``enable_conditionals=True`` (:meth:`DALILoader.pipeline` does)."""
+    common = dict(shape=shape, fill_value=augment.FILL, interp_type=types.INTERP_LINEAR,
+                  num_magnitude_bins=augment.MAGNITUDE_BINS)
+    if name == "trivial_wide":
+        return trivial_augment.trivial_augment_wide(
+            images, max_translate_rel=augment.TRIVIAL_WIDE_MAX_TRANSLATE, **common)
+    if name == "rand_augment":
+        return rand_augment.rand_augment(
+            images, n=augment.RAND_AUGMENT_OPS, m=augment.RAND_AUGMENT_MAGNITUDE,
+            max_translate_rel=augment.RAND_AUGMENT_MAX_TRANSLATE, **common)
+    raise ValueError(f"auto_augment={name!r}: expected one of {', '.join(augment.AUTO_AUGMENTS)}")
+
+
 @pipeline_def(enable_conditionals=False)
 def train_pipeline(
     files: Sequence[str],
@@ -180,9 +200,12 @@ def train_pipeline(
     channels_last: bool = False,
     hw_decoder_load: float = 0.65,
     use_mmap: bool = True,
+    auto_augment: str = "none",
 ):
     """Read ``files`` in order; random-resized crop (area [0.08, 1], aspect [3/4, 4/3]) decoded
-    as a region of interest, resized to ``crop`` x ``crop``, random flip.
+    as a region of interest, resized to ``crop`` x ``crop``, random flip; ``auto_augment``
+    (not "none"): DALI's TrivialAugmentWide or RandAugment on the uint8 crop, on the pipeline's
+    device (call with ``enable_conditionals=True`` then).
 
     ``device="gpu"``: decoded by nvJPEG (``mixed``), resized, flipped and normalised on the GPU:
     CHW in ``dtype`` (HWC with ``channels_last``: the loader views it as a channels_last NCHW
@@ -209,10 +232,19 @@ def train_pipeline(
     )
     flip = fn.random.coin_flip(probability=0.5)
     if not gpu:  # the crops, their flips and labels: the loader resizes (resize_and_flip)
+        if auto_augment != "none":
+            # Augmented at the crop's own size, before the loader's resize: the auto-augment
+            # operators take crops of any size (translations as a fraction of each crop's side,
+            # rotations and shears scale-free, colour operations per pixel), so the loader's fast
+            # resize stays outside DALI. Against torchvision's order (resize, then augment) only
+            # rounding differs, and the 3x3 sharpness kernel acts at the crop's scale.
+            images = _auto_augment(images, auto_augment, shape=images.shape(dtype=types.INT32))
         return images, flip, labels_out
     images = fn.resize(
         images, resize_x=crop, resize_y=crop, interp_type=types.INTERP_LINEAR, antialias=True
     )
+    if auto_augment != "none":  # on the GPU, on the resized uint8 crop, as torchvision orders it
+        images = _auto_augment(images, auto_augment, shape=(crop, crop))
     images = _normalize(images, crop=crop, dtype=dtype, layout=_layout(channels_last), mirror=flip)
     return images, labels_out.gpu()
 
@@ -274,10 +306,20 @@ class PipelineOptions:
     (``None``: handed over as uint8). ``hw_decoder_load``: the share of images given to the
     A100/H100 hardware JPEG decoder. ``use_mmap``: read files through mmap (off for some
     network filesystems).
+
+    Sizes: ``image_size`` is the training crop, unless ``resolution`` gives one per epoch
+    (:meth:`train_size`); validation resizes the shorter side to ``val_resize`` and centre-crops
+    ``val_image_size`` (``None``: ``image_size``). Augmentation: ``auto_augment`` (one of
+    :data:`augment.AUTO_AUGMENTS`, run by DALI on the decoding device) and ``random_erasing``
+    (a probability per image, applied to the finished batch on the device it is handed over on).
     """
 
     image_size: int = 224
     val_resize: int = 256
+    val_image_size: int | None = None
+    resolution: ResolutionSchedule | None = None
+    auto_augment: str = "none"
+    random_erasing: float = 0.0
     device: str = "gpu"
     device_id: int | None = None
     num_threads: int = 4
@@ -297,8 +339,14 @@ class PipelineOptions:
             raise ValueError(f"device={self.device!r}: expected 'gpu' or 'cpu'")
         if self.device == "gpu" and self.device_id is None:
             raise ValueError("device='gpu' needs device_id (the CUDA device index of this rank)")
-        if self.val_resize < self.image_size:
-            raise ValueError(f"val_resize={self.val_resize} is smaller than image_size={self.image_size}")
+        crop_name = "image_size" if self.val_image_size is None else "val_image_size"
+        if self.val_image_size is None:
+            object.__setattr__(self, "val_image_size", self.image_size)
+        if self.val_resize < self.val_image_size:
+            raise ValueError(f"val_resize={self.val_resize} is smaller than {crop_name}={self.val_image_size}")
+        augment.check_auto_augment(self.auto_augment)
+        if not 0 <= self.random_erasing <= 1:
+            raise ValueError(f"random_erasing={self.random_erasing}: a probability, in [0, 1]")
         if self.num_threads < 1 or self.prefetch < 1:
             raise ValueError("num_threads and prefetch must be at least 1")
         # DALI's device name is "gpu", torch's "cuda": a GPU pipeline's batches stay on its device.
@@ -306,6 +354,10 @@ class PipelineOptions:
         object.__setattr__(self, "output_device", None if output is None else torch.device(output))
         if self.device == "cpu":
             object.__setattr__(self, "device_id", None)
+
+    def train_size(self, epoch: int) -> int:
+        """The training crop size of ``epoch``."""
+        return train_size(epoch, self.image_size, self.resolution)
 
 
 class DALILoader:
@@ -336,7 +388,10 @@ class DALILoader:
 
     Random crops and flips come from a DALI seed derived from (``seed``, epoch, ``shard_id``, first
     step): the same run gives the same batches; a resumed epoch feeds the same images as the
-    uninterrupted one would, with freshly drawn (still reproducible) crops.
+    uninterrupted one would, with freshly drawn (still reproducible) crops. So do the automatic
+    augmentations and the erased boxes. ``repeats`` > 1: repeated augmentation
+    (``sharding.train_indices``). Each epoch's pipeline crops to that epoch's size
+    (``options.train_size``), so progressive resizing needs nothing else.
     """
 
     def __init__(
@@ -350,6 +405,7 @@ class DALILoader:
         num_shards: int = 1,
         seed: int = 0,
         options: PipelineOptions,
+        repeats: int = 1,
     ) -> None:
         require_dali()
         if len(files) != len(labels):
@@ -368,6 +424,7 @@ class DALILoader:
         self.num_shards = num_shards
         self.seed = seed
         self.options = options
+        self.repeats = repeats
         self._epoch = 0
         self._step = 0
         self._pipe = None
@@ -424,6 +481,7 @@ class DALILoader:
             num_shards=self.num_shards,
             batch_size=self.batch_size,
             start_step=self._step,
+            repeats=self.repeats,
         )
         return idx, self._step
 
@@ -448,9 +506,12 @@ class DALILoader:
             use_mmap=self.options.use_mmap,
         )
         if self.train:
-            pipe = train_pipeline(files, labels, crop=self.options.image_size, **common)
+            auto = self.options.auto_augment
+            pipe = train_pipeline(files, labels, crop=self.options.train_size(self._epoch), auto_augment=auto,
+                                  enable_conditionals=auto != "none", **common)
         else:
-            pipe = val_pipeline(files, labels, image_size=self.options.image_size, val_resize=self.options.val_resize, **common)
+            pipe = val_pipeline(files, labels, image_size=self.options.val_image_size,
+                                val_resize=self.options.val_resize, **common)
         return pipe
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -460,13 +521,17 @@ class DALILoader:
             return
         files = [self.files[i] for i in idx]
         steps, step = len(self), start
+        size = self.options.train_size(self._epoch)
+        erasing = self.options.random_erasing if self.train else 0.0
+        if erasing:  # its own stream, seeded like the pipeline's
+            rng = np.random.default_rng([self.seed, self._epoch, self.shard_id, start, 1])
         pipe = self._pipe = self._build(files, self.labels[idx].tolist(), start)
         outputs = None
         try:
             while step < steps:
                 try:
                     if outputs is None:  # the first batch is requested: start the pipeline
-                        outputs = self._outputs(pipe)
+                        outputs = self._outputs(pipe, size)
                     images, labels = next(outputs)
                 except StopIteration:
                     return
@@ -485,6 +550,13 @@ class DALILoader:
                     images, labels, dtype=_DTYPES[self.options.dtype], channels_last=self.options.channels_last,
                     device=self.options.output_device, buffers=self._buffers,
                 )
+                if erasing:
+                    # On the finished batch, where it is handed over (the GPU for dali_gpu, the
+                    # training device for dali_cpu): one masked fill of the whole batch, rather
+                    # than DALI's fn.erase, whose boxes would be drawn per sample in the graph.
+                    # After normalisation, as torchvision's recipe erases (value 0: the mean colour).
+                    n, _, height, width = batch[0].shape
+                    augment.erase(batch[0], augment.erase_boxes(rng, n, height, width, erasing))
                 if step == steps:
                     # The last batch: free the pipeline (its threads, and the decoder's pinned host
                     # and device buffers, GBs with the mixed decoder) now, before the consumer
@@ -498,16 +570,15 @@ class DALILoader:
             # newer one started.
             self._release(pipe)
 
-    def _outputs(self, pipe) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _outputs(self, pipe, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The built pipeline's batches as torch tensors ``(images, labels)``, as DALI made them
-        (normalised on the GPU, uint8 from a CPU pipeline)."""
+        (normalised on the GPU, uint8 from a CPU pipeline); ``size``: a CPU training crop's."""
         if self.options.device == "cpu" and self.train:
             # Crops of different sizes, which DALI's iterator cannot stack: run the pipeline
             # directly. ``run`` keeps ``prefetch`` batches decoding in DALI's threads meanwhile.
             while True:
                 crops, flips, labels = pipe.run()
                 flags = np.asarray(flips.as_tensor()).reshape(-1).astype(bool).tolist()
-                size = self.options.image_size
                 images = resize_and_flip(
                     [torch.from_dlpack(crops[i]) for i in range(len(crops))], flags, size=size,
                     num_threads=self.options.num_threads, out=self._buffers.take((len(crops), 3, size, size), torch.uint8),

@@ -23,7 +23,8 @@ from functools import cached_property
 import pytorch_lightning as pl
 import torch
 
-from data_pipelines import layout
+from data_pipelines import augment, layout
+from data_pipelines.resolution import ResolutionSchedule
 from data_pipelines.sharding import steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,16 @@ def resolve_backend(backend: str, on_gpu: bool) -> str:
 
 
 class ImageNetDataModule(pl.LightningDataModule):
+    """Sizes: ``image_size`` is the training crop, or ``resolution`` gives it per epoch
+    (progressive resizing, for every backend); validation resizes to ``val_resize`` and
+    centre-crops ``val_image_size`` (``None``: ``image_size``).
+
+    Augmentation, run where the backend decodes: ``auto_augment`` (one of
+    ``augment.AUTO_AUGMENTS``), ``random_erasing`` (probability per image), ``repeated_augment``
+    (each chosen image fed that many times per epoch: ``sharding.train_indices``). The synthetic
+    backend has no images to augment and ignores them; MixUp and CutMix are the Classifier's.
+    """
+
     def __init__(
         self,
         *,
@@ -77,6 +88,11 @@ class ImageNetDataModule(pl.LightningDataModule):
         num_classes: int | None = None,
         gpu_dtype: str = "float32",
         channels_last: bool = False,
+        val_image_size: int | None = None,
+        resolution: ResolutionSchedule | None = None,
+        auto_augment: str = "none",
+        random_erasing: float = 0.0,
+        repeated_augment: int = 1,
     ) -> None:
         super().__init__()
         self.root = root
@@ -87,6 +103,11 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.image_size = image_size
         self.val_resize = val_resize
+        self.val_image_size = val_image_size or image_size
+        self.resolution = resolution
+        self.auto_augment = augment.check_auto_augment(auto_augment)
+        self.random_erasing = random_erasing
+        self.repeated_augment = repeated_augment
         self.num_workers = num_workers
         self.seed = seed
         self.filelist_cache = filelist_cache
@@ -176,7 +197,11 @@ class ImageNetDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         rank, world = self._rank_world()
         if self.backend == "synthetic":
-            return self._synthetic(steps_per_epoch(self.synthetic_size, world, self.batch_size))
+            loader = self._synthetic(steps_per_epoch(self.synthetic_size, world, self.batch_size), self.image_size,
+                                     self.resolution)
+            if (position := self._resume_position()) is not None:
+                loader.set_epoch(position[0])  # Lightning says so too, at the epoch's start
+            return loader
         split = self.splits[0]
         if self.backend == "torchvision":
             from data_pipelines.torchvision_loader import build_train_loader
@@ -184,7 +209,8 @@ class ImageNetDataModule(pl.LightningDataModule):
             return build_train_loader(
                 split.files, split.labels, batch_size=self.batch_size, image_size=self.image_size,
                 num_workers=self.num_workers, seed=self.seed, shard_id=rank, num_shards=world,
-                resume=self._resume_position(),
+                resume=self._resume_position(), resolution=self.resolution, auto_augment=self.auto_augment,
+                random_erasing=self.random_erasing, repeats=self.repeated_augment,
             )
         loader = self._dali(split, train=True, rank=rank, world=world)
         if (position := self._resume_position()) is not None:
@@ -194,22 +220,22 @@ class ImageNetDataModule(pl.LightningDataModule):
     def val_dataloader(self):
         rank, world = self._rank_world()
         if self.backend == "synthetic":
-            return self._synthetic(max(1, 50000 // (world * self.batch_size)))
+            return self._synthetic(max(1, 50000 // (world * self.batch_size)), self.val_image_size)
         split = self.splits[1]
         if self.backend == "torchvision":
             from data_pipelines.torchvision_loader import build_val_loader
 
             return build_val_loader(
-                split.files, split.labels, batch_size=self.batch_size, image_size=self.image_size,
+                split.files, split.labels, batch_size=self.batch_size, image_size=self.val_image_size,
                 val_resize=self.val_resize, num_workers=self.num_workers, shard_id=rank, num_shards=world,
             )
         return self._dali(split, train=False, rank=rank, world=world)
 
-    def _synthetic(self, num_batches: int):
+    def _synthetic(self, num_batches: int, image_size: int, resolution: ResolutionSchedule | None = None):
         from data_pipelines.synthetic import SyntheticLoader
 
         return SyntheticLoader(
-            num_batches=num_batches, batch_size=self.batch_size, image_size=self.image_size,
+            num_batches=num_batches, batch_size=self.batch_size, image_size=image_size, resolution=resolution,
             num_classes=len(self.classes), seed=self.seed,
             device=self.trainer.strategy.root_device if (self.on_gpu and self.trainer is not None) else "cpu",
             dtype=getattr(torch, self.gpu_dtype) if self.on_gpu else torch.float32, channels_last=self.channels_last,
@@ -228,7 +254,8 @@ class ImageNetDataModule(pl.LightningDataModule):
             image_size=self.image_size, val_resize=self.val_resize, device="gpu" if on_gpu else "cpu",
             device_id=device_id, num_threads=max(1, self.num_workers),
             dtype=self.gpu_dtype if self.on_gpu else "float32", output_device=output_device,
-            channels_last=self.channels_last,
+            channels_last=self.channels_last, val_image_size=self.val_image_size, resolution=self.resolution,
+            auto_augment=self.auto_augment, random_erasing=self.random_erasing,
         )
         return DALILoader(split.files, split.labels, train=train, batch_size=self.batch_size, shard_id=rank,
-                          num_shards=world, seed=self.seed, options=options)
+                          num_shards=world, seed=self.seed, options=options, repeats=self.repeated_augment)

@@ -8,7 +8,10 @@ that the sample sequence is a function of (seed, epoch, rank, world size) alone:
   fewer than ``num_shards * batch_size`` images left over differ from epoch to epoch;
 * validation: contiguous, disjoint slices that together hold every image exactly once (no padded
   duplicates, unlike ``DistributedSampler``), so top-1 is exact under any world size;
-* resuming mid-epoch: ``start_step`` skips exactly the batches already fed.
+* resuming mid-epoch: ``start_step`` skips exactly the batches already fed;
+* repeated augmentation (``repeats`` > 1; DeiT's RASampler, torchvision recipe's ``--ra-sampler``):
+  fewer distinct images per epoch, each fed ``repeats`` times (with different random
+  augmentations, as every backend draws them per sample), while the epoch keeps its length.
 """
 from __future__ import annotations
 
@@ -35,12 +38,26 @@ def train_indices(
     num_shards: int,
     batch_size: int,
     start_step: int = 0,
+    repeats: int = 1,
 ) -> np.ndarray:
-    """Indices rank ``shard_id`` feeds in ``epoch``, from batch ``start_step`` on."""
+    """Indices rank ``shard_id`` feeds in ``epoch``, from batch ``start_step`` on.
+
+    ``repeats`` > 1: the epoch's ``steps * num_shards * batch_size`` samples are the first
+    ``ceil(samples / repeats)`` images of the permutation, each written ``repeats`` times in a row
+    and dealt round-robin like single ones, so that an image's copies go to neighbouring ranks (or,
+    on one rank, into the same batch), as DeiT's RASampler deals them. Every chosen image occurs
+    exactly ``repeats`` times over all ranks, except the last one when ``repeats`` does not divide
+    the epoch's sample count. Ranks still get the same number of full batches.
+    """
     if not 0 <= shard_id < num_shards:
         raise ValueError(f"shard_id={shard_id} is outside [0, num_shards={num_shards})")
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: must be at least 1 (1: no repeated augmentation)")
     steps = steps_per_epoch(num_images, num_shards, batch_size)
     perm = np.random.default_rng([seed, epoch]).permutation(num_images)
+    if repeats > 1:
+        samples = steps * num_shards * batch_size
+        perm = np.repeat(perm[: -(-samples // repeats)], repeats)[:samples]
     mine = perm[shard_id::num_shards][: steps * batch_size]
     return mine[start_step * batch_size :]
 
@@ -82,8 +99,10 @@ class EpochSampler:
         num_shards: int,
         batch_size: int,
         resume: tuple[int, int] | None = None,
+        repeats: int = 1,
     ) -> None:
         self.num_images = num_images
+        self.repeats = repeats
         self.seed = seed
         self.shard_id = shard_id
         self.num_shards = num_shards
@@ -106,6 +125,7 @@ class EpochSampler:
             num_shards=self.num_shards,
             batch_size=self.batch_size,
             start_step=self.start_step,
+            repeats=self.repeats,
         )
 
     def __iter__(self):

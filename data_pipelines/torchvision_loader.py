@@ -1,18 +1,22 @@
 """The torchvision backend: Pillow decoding in DataLoader workers.
 
 The fallback where DALI is not installed, and the reference the DALI pipelines are checked
-against. The sample order comes from ``sharding`` like every other backend's.
+against. The sample order comes from ``sharding`` like every other backend's. Training transforms
+are ``torchvision.transforms.v2`` (as torchvision's reference recipes use them).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
+from torchvision.transforms import v2
 
-from data_pipelines import IMAGENET_MEAN, IMAGENET_STD
+from data_pipelines import IMAGENET_MEAN, IMAGENET_STD, augment
+from data_pipelines.resolution import ResolutionSchedule, train_size
 from data_pipelines.sharding import EpochSampler, val_indices
 
 
@@ -29,13 +33,26 @@ def load_rgb(path: str) -> Image.Image:
         ) from err
 
 
-def train_transform(image_size: int) -> transforms.Compose:
-    return transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+def train_transform(image_size: int, auto_augment: str = "none", random_erasing: float = 0.0) -> v2.Compose:
+    """Random-resized crop (area [0.08, 1], aspect [3/4, 4/3]) to ``image_size``, random flip,
+    then (as torchvision's ``ClassificationPresetTrain``) the automatic augmentation on the
+    PIL image, normalisation, and random erasing with probability ``random_erasing``."""
+    steps = [
+        v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+    bilinear = v2.InterpolationMode.BILINEAR  # the reference recipe's; v2's default is nearest
+    if augment.check_auto_augment(auto_augment) == "trivial_wide":
+        steps.append(v2.TrivialAugmentWide(num_magnitude_bins=augment.MAGNITUDE_BINS, interpolation=bilinear,
+                                           fill=augment.FILL))
+    elif auto_augment == "rand_augment":
+        steps.append(v2.RandAugment(num_ops=augment.RAND_AUGMENT_OPS, magnitude=augment.RAND_AUGMENT_MAGNITUDE,
+                                    num_magnitude_bins=augment.MAGNITUDE_BINS, interpolation=bilinear,
+                                    fill=augment.FILL))
+    steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if random_erasing > 0:
+        steps.append(v2.RandomErasing(p=random_erasing, scale=augment.ERASE_SCALE, ratio=augment.ERASE_RATIO, value=0))
+    return v2.Compose(steps)
 
 
 def val_transform(image_size: int, val_resize: int) -> transforms.Compose:
@@ -62,6 +79,47 @@ class ImageFiles(Dataset):
         return self.transform(load_rgb(self.files[index])), torch.tensor(self.labels[index], dtype=torch.int64)
 
 
+class TrainImages(ImageFiles):
+    """(image tensor, label) for items ``(index, size)``: the sampler gives each sample the crop
+    size of its epoch (:class:`SizedSampler`), since a DataLoader's persistent worker processes
+    hold copies of the dataset made when they started, which a change in the main process would
+    not reach. ``make_transform(size)`` builds the transform for a size (kept per size)."""
+
+    def __init__(self, files: Sequence[str], labels: Sequence[int], make_transform: Callable[[int], Callable]) -> None:
+        super().__init__(files, labels, transform=None)
+        self.make_transform = make_transform
+        self._transforms: dict[int, Callable] = {}
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, size = item
+        if size not in self._transforms:
+            self._transforms[size] = self.make_transform(size)
+        return self._transforms[size](load_rgb(self.files[index])), torch.tensor(self.labels[index], dtype=torch.int64)
+
+
+class SizedSampler:
+    """An :class:`EpochSampler`'s indices, each paired with its epoch's training crop size
+    (``size_at(epoch)``); ``set_epoch`` (which Lightning calls) and ``len`` are the sampler's."""
+
+    def __init__(self, sampler: EpochSampler, size_at: Callable[[int], int]) -> None:
+        self.sampler = sampler
+        self.size_at = size_at
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def __iter__(self):
+        size = self.size_at(self.sampler.epoch)
+        return ((index, size) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 def build_train_loader(
     files: Sequence[str],
     labels: Sequence[int],
@@ -73,14 +131,21 @@ def build_train_loader(
     shard_id: int,
     num_shards: int,
     resume: tuple[int, int] | None = None,
+    resolution: ResolutionSchedule | None = None,
+    auto_augment: str = "none",
+    random_erasing: float = 0.0,
+    repeats: int = 1,
 ) -> DataLoader:
-    """Training batches of rank ``shard_id``; ``resume`` = (epoch, batches of it already fed)."""
+    """Training batches of rank ``shard_id``; ``resume`` = (epoch, batches of it already fed).
+    ``resolution``: the crop size per epoch (else ``image_size``); ``repeats``: repeated
+    augmentation (``sharding.train_indices``)."""
     sampler = EpochSampler(len(files), seed=seed, shard_id=shard_id, num_shards=num_shards,
-                           batch_size=batch_size, resume=resume)
+                           batch_size=batch_size, resume=resume, repeats=repeats)
+    make_transform = functools.partial(train_transform, auto_augment=auto_augment, random_erasing=random_erasing)
     return DataLoader(
-        ImageFiles(files, labels, train_transform(image_size)),
+        TrainImages(files, labels, make_transform),
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=SizedSampler(sampler, functools.partial(train_size, image_size=image_size, schedule=resolution)),
         num_workers=num_workers,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),

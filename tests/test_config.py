@@ -53,6 +53,10 @@ def test_overrides_apply_in_order():
         ("experiment=nope", ["experiment", "smoke"]),
         ("trainer.precision=8", ["trainer.precision", "bf16-mixed"]),
         ("data.val_resize=10", ["data.val_resize", "data.image_size"]),
+        ("optim.name=adam", ["optim.name", "sgd", "lars", "lamb", "adamw"]),
+        ("optim.schedule=exp", ["optim.schedule", "cosine", "linear", "step", "poly"]),
+        ("loss.name=focal", ["loss.name", "ce", "bce"]),
+        ("trainer.accumulate_grad_batches=0", ["trainer.accumulate_grad_batches"]),
         ("noequals", ["key=value"]),
     ],
 )

@@ -91,12 +91,34 @@ def test_dali_gpu_pipelines_define_their_graph_with_valid_arguments(pretend_cuda
         pipe.build()
 
 
+@pytest.mark.parametrize("policy", ["trivial_wide", "rand_augment"])
+def test_dali_gpu_auto_augment_is_defined_on_the_gpu(pretend_cuda, tiny_root, policy):
+    """aug.auto_augment on dali_gpu: DALI's auto_aug operators (selected per sample by conditionals)
+    run on the GPU, between the resize and the normalisation; the graph defines with every argument
+    valid. Their kernels run on a real GPU only (tests/test_gpu.py)."""
+    files, labels = _train_files(tiny_root)
+    options = dali.PipelineOptions(image_size=32, device="gpu", device_id=0, num_threads=2, auto_augment=policy)
+    loader = dali.DALILoader(files, labels, train=True, batch_size=4, options=options)
+    pipe = loader.pipeline(files[:8], labels[:8])
+    specs = _specs(pipe)
+    for op in ("WarpAffine", "Rotate", "Brightness", "experimental__Equalize", "_conditional__Split",
+               "_conditional__Merge", "Resize", "CropMirrorNormalize"):
+        assert specs[op]["device"] == "gpu", op
+    assert float(specs["WarpAffine"]["fill_value"]) == 0  # torchvision's fill (DALI's default is 128)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        pipe.build()
+
+
 def test_dali_cpu_pipeline_keeps_its_graph_on_the_cpu(tiny_root):
     files, labels = _train_files(tiny_root)
     loader = dali.DALILoader(files, labels, train=True, batch_size=4,
                              options=dali.PipelineOptions(image_size=32, device="cpu"))
     specs = _specs(loader.pipeline(files[:8], labels[:8]))
     assert {args["device"] for args in specs.values()} == {"cpu"}
+    augmented = dali.DALILoader(files, labels, train=True, batch_size=4,
+                                options=dali.PipelineOptions(image_size=32, device="cpu", auto_augment="trivial_wide"))
+    specs = _specs(augmented.pipeline(files[:8], labels[:8]))
+    assert "WarpAffine" in specs and {args["device"] for args in specs.values()} == {"cpu"}
 
 
 # -- the batch the model gets: one pass over the images, in its layout ----------------------------

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from trainer.models import ARCHS, CifarBlock, PlainBasicBlock, PlainBottleneck, build_model
+from trainer.models import (ARCHS, BlurConv2d, BlurMaxPool2d, CifarBlock, PlainBasicBlock, PlainBottleneck,
+                            build_model)
 
 IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
 
@@ -113,3 +115,68 @@ def test_channels_last_weights_and_same_output():
 def test_unknown_arch_names_the_choices():
     with pytest.raises(ValueError, match="resnet50"):
         build_model("resnet51", num_classes=10)
+
+
+# --- BlurPool (model.blurpool) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnet18", "plain18", "resnet20"])
+def test_blurpool_keeps_shapes_parameters_and_state_dict_keys_and_changes_the_output(arch):
+    torch.manual_seed(0)
+    size = 32 if ARCHS[arch].family == "cifar" else 64
+    plain = build_model(arch, num_classes=7).eval()
+    blurred = build_model(arch, num_classes=7, blurpool=True).eval()
+    assert sum(p.numel() for p in blurred.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert list(blurred.state_dict()) == list(plain.state_dict())  # the filters are not persistent
+    blurred.load_state_dict(plain.state_dict(), strict=True)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        a, b = plain(x), blurred(x)
+    assert b.shape == a.shape == (2, 7) and torch.isfinite(b).all()
+    assert not torch.allclose(a, b, atol=1e-3)
+    # Every strided conv with >= 16 input channels is blurred (FFCV's and Composer's rule), not the RGB stem.
+    strided = [m for m in blurred.modules() if isinstance(m, nn.Conv2d) and max(m.stride) > 1]
+    assert strided and all(isinstance(m, BlurConv2d) == (m.in_channels >= 16) for m in strided)
+    pools = [m for m in blurred.modules() if isinstance(m, BlurMaxPool2d)]
+    assert len(pools) == (1 if ARCHS[arch].family == "imagenet" else 0)
+
+
+def test_a_strided_conv_sees_a_binomially_blurred_input():
+    """FFCV's BlurPoolConv2d: conv(depthwise [1, 2, 1] x [1, 2, 1] / 16 filter, stride 1, zero padding)."""
+    torch.manual_seed(0)
+    conv = build_model("resnet18", num_classes=5, blurpool=True).layer2[0].conv1  # 64 -> 128, stride 2
+    assert isinstance(conv, BlurConv2d) and conv.stride == (2, 2)
+    x = torch.randn(2, 64, 16, 16)
+    taps = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (taps[:, None] * taps[None, :] / 16).expand(64, 1, 3, 3)
+    blurred = F.conv2d(x, kernel, padding=1, groups=64)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), F.conv2d(blurred, conv.weight, stride=2, padding=1))
+    # The highest frequency (a checkerboard), which a stride-2 conv would alias, is flattened away.
+    board = ((torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 2.0 - 1).expand(1, 64, 16, 16)
+    assert conv.blur(board)[..., 1:-1, 1:-1].abs().max() < 1e-6
+
+
+def test_blur_max_pool_is_a_stride_1_max_then_a_strided_blur():
+    pool = build_model("resnet18", num_classes=5, blurpool=True).maxpool
+    assert isinstance(pool, BlurMaxPool2d)
+    x = torch.randn(2, 4, 15, 15)
+    taps = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (taps[:, None] * taps[None, :] / 16).expand(4, 1, 3, 3)
+    expected = F.conv2d(F.max_pool2d(x, 3, stride=1, padding=1), kernel, stride=2, padding=1, groups=4)
+    torch.testing.assert_close(pool(x), expected)
+    assert pool(x).shape == nn.MaxPool2d(3, 2, 1)(x).shape
+
+
+def test_export_of_a_blurpool_net_rebuilds_it_and_names_no_torchvision_builder():
+    from trainer.export import build_network, checkpoint_metadata
+
+    ckpt = {"hyper_parameters": {"config": {"model": {"arch": "resnet18", "blurpool": True},
+                                            "data": {"val_resize": 36, "image_size": 32}},
+                                 "classes": ["a", "b"], "num_classes": 2}}
+    meta = checkpoint_metadata(ckpt, source="x.ckpt")
+    assert meta["blurpool"] is True and meta["torchvision_builder"] is None
+    net = build_network(meta, build_model("resnet18", 2, blurpool=True).state_dict())
+    assert isinstance(net.layer2[0].conv1, BlurConv2d)
+    ckpt["hyper_parameters"]["config"]["model"].pop("blurpool")  # a checkpoint from before the key
+    assert checkpoint_metadata(ckpt, source="x.ckpt")["torchvision_builder"] == "torchvision.models.resnet18"

@@ -120,12 +120,23 @@ def csv_points(run_dir: Path) -> dict[str, dict[int, float]]:
 
 
 def wandb_points(rows: list[dict]) -> dict[str, dict[int, float]]:
+    """The scalar metrics of W&B history rows, per key and step (images, such as the training
+    grid ``samples``, are records, not numbers: see ``wandb_images``)."""
     points: dict[str, dict[int, float]] = {}
     for row in rows:
         for key, value in row.items():
-            if not key.startswith("_") and key not in ("trainer/global_step", "epoch"):
+            if not key.startswith("_") and key not in ("trainer/global_step", "epoch") and key not in wandb_images(row):
+                assert isinstance(value, (int, float)), (key, value)
                 points.setdefault(key, {})[int(row["trainer/global_step"])] = float(value)
     return points
+
+
+def wandb_images(row: dict) -> set[str]:
+    """The keys of ``row`` that belong to a logged image: its record is flattened into
+    ``NAME._type`` ("images/separated"), ``NAME.captions`` and so on."""
+    names = {key[: -len("._type")] for key, value in row.items()
+             if key.endswith("._type") and str(value).startswith("image")}
+    return {key for key in row if any(key.startswith(f"{name}.") for name in names)}
 
 
 def test_offline_run_holds_config_and_metrics_and_a_resumed_fit_continues_it(tiny_root, tmp_path, no_wandb_credentials):
@@ -156,6 +167,8 @@ def test_offline_run_holds_config_and_metrics_and_a_resumed_fit_continues_it(tin
     rows = history(records)
     points = wandb_points(rows)
     assert METRIC_KEYS <= set(points)
+    # The grid of training images (RUN_DIR/samples.png) is logged too, once, at the fit's start.
+    assert sum(bool(wandb_images(row)) for row in rows) == 1, [sorted(wandb_images(r)) for r in rows]
     assert sorted(points["train/loss_step"]) == [1, 3, 5, 7]
     assert sorted(points["perf/images_per_sec"]) == [1, 3, 5, 7]
     assert sorted(points["val/top1"]) == sorted(points["perf/epoch_time_s"]) == [7]

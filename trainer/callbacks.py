@@ -1,5 +1,5 @@
 """Callbacks: throughput and data-wait measurement, plain log lines for SLURM log files,
-and atomic checkpoint writes."""
+atomic checkpoint writes, and a grid of the training images as the model gets them."""
 from __future__ import annotations
 
 import json
@@ -240,3 +240,62 @@ class RestartResumedEpoch(pl.Callback):
         loop = trainer.fit_loop.epoch_loop
         loop.batch_progress.current.reset()
         loop.reset_restart_stage()  # a checkpoint at a step's end would count that step again
+
+
+class SampleGrid(pl.Callback):
+    """At the start of a fit, the first ``count`` training images as the model gets them (decoded,
+    cropped, augmented, mixed by the module's MixUp/CutMix, then un-normalised) in a grid of
+    ``nrow`` columns, written to ``path`` and logged to W&B as ``samples`` when a W&B logger is
+    there. Rank 0 only.
+
+    It looks at the batches Lightning fetches for training anyway (``on_train_batch_start``), so the
+    data order is untouched and a resume stays exact. The mixing is redrawn on a copy under a fork
+    of the RNG state: the grid shows the draw the step is about to make, and the step still makes it.
+    """
+
+    def __init__(self, path: str | Path, count: int = 32, nrow: int = 8) -> None:
+        self.path = Path(path)
+        self.count = count
+        self.nrow = nrow
+        self._images: list[torch.Tensor] = []
+        self._done = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._done or not trainer.is_global_zero:
+            return
+        need = self.count - sum(len(x) for x in self._images)
+        images = batch[0]
+        mixing = getattr(pl_module, "mixing", None)
+        if mixing is not None:  # on the whole batch: an image is mixed with its neighbour
+            with torch.random.fork_rng(devices=[images.device.index] if images.is_cuda else []):
+                images, _ = mixing(images.clone(), batch[1])
+        self._images.append(images[:need].detach().cpu())
+        if need <= len(images):
+            self._write(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self._done and self._images:  # an epoch of fewer images than ``count``
+            self._write(trainer)
+
+    def _write(self, trainer) -> None:
+        from pytorch_lightning.loggers import WandbLogger
+        from torchvision.utils import make_grid, save_image
+
+        from data_pipelines import IMAGENET_MEAN, IMAGENET_STD
+
+        self._done = True
+        images = torch.cat(self._images)
+        self._images = []
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        if images.dtype == torch.uint8:  # a loader that hands over pixels (not the trainer's)
+            images = images / 255
+        else:
+            images = images.float() * std + mean
+        grid = make_grid(images.clamp(0, 1), nrow=self.nrow)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, self.path)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="samples", images=[str(self.path)], step=trainer.global_step,
+                                 caption=[f"{len(images)} training images as the model gets them"])

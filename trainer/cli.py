@@ -49,6 +49,12 @@ def _overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
 
+def _weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", choices=["ema", "raw"], default=None,
+                   help="a checkpoint's EMA of the weights (runs with ema.decay) or its raw trained weights "
+                        "(default: ema when the checkpoint holds one, else raw)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -138,7 +144,9 @@ def _run_fit(args: argparse.Namespace) -> int:
         f"done: val top-1 {summary.get('val/top1', float('nan')):.4f}, "
         f"top-5 {summary.get('val/top5', float('nan')):.4f} on {int(summary.get('val/images', 0))} images "
         f"after {summary['epochs']} epochs ({summary['global_step']} steps)\n"
-        f"best checkpoint: {summary['best_ckpt']}\n"
+        + (f"EMA weights: val top-1 {summary['val_ema/top1']:.4f}, top-5 {summary['val_ema/top5']:.4f}\n"
+           if "val_ema/top1" in summary else "")
+        + f"best checkpoint: {summary['best_ckpt']}\n"
         f"summary: {Path(cfg.run.dir) / 'summary.json'}"
     )
     return 0
@@ -151,6 +159,7 @@ def _add_validate(sub) -> None:
     p.add_argument("ckpt")
     p.add_argument("--json", dest="json_out", default=None,
                    help="where to write the JSON result (default: RUN_DIR/validate.json beside checkpoints/)")
+    _weights(p)
     _overrides(p)
 
 
@@ -159,13 +168,14 @@ def _run_validate(args: argparse.Namespace) -> int:
     """Validate a checkpoint; global rank 0 prints the result and writes it as JSON."""
     from trainer.run import validate_checkpoint
 
-    result = validate_checkpoint(args.ckpt, args.overrides)
+    result = validate_checkpoint(args.ckpt, args.overrides, weights=args.weights)
     if result is None:  # not global rank 0: rank 0 prints and writes the result
         return 0
     out = Path(args.json_out) if args.json_out else _default_json_path(args.ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  images {result['images']}  ({out})")
+    print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  images {result['images']}  "
+          f"{result['weights']} weights  ({out})")
     return 0
 
 
@@ -267,6 +277,7 @@ def _add_export(sub) -> None:
     p.add_argument("ckpt")
     p.add_argument("--format", dest="fmt", default="torchvision", choices=["torchvision", "safetensors", "onnx"])
     p.add_argument("--out", default=None, help="output file (default: beside CKPT, .pt/.safetensors/.onnx)")
+    _weights(p)
 
 
 @_model_errors
@@ -274,8 +285,8 @@ def _run_export(args: argparse.Namespace) -> int:
     """Write the exported model and its JSON sidecar."""
     from trainer.export import export_checkpoint
 
-    meta = export_checkpoint(args.ckpt, args.out, args.fmt)
-    print(f"wrote {meta['path']} ({args.fmt}, {meta['arch']}, {meta['num_classes']} classes) "
+    meta = export_checkpoint(args.ckpt, args.out, args.fmt, weights=args.weights)
+    print(f"wrote {meta['path']} ({args.fmt}, {meta['arch']}, {meta['num_classes']} classes, {meta['weights']} weights) "
           f"and {meta['sidecar']}")
     return 0
 
@@ -287,6 +298,7 @@ def _add_predict(sub) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--topk", type=int, default=5)
+    _weights(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", dest="as_json", action="store_true", help="print a JSON list instead of text lines")
 
@@ -300,7 +312,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.topk < 1 or args.batch_size < 1:
         raise ValueError(f"--topk={args.topk} and --batch-size={args.batch_size} must be at least 1")
     files = find_images(args.paths)
-    results = predict_files(load_pretrained(args.model), files, topk=args.topk, batch_size=args.batch_size)
+    model = load_pretrained(args.model, weights=args.weights)
+    results = predict_files(model, files, topk=args.topk, batch_size=args.batch_size)
     print(json.dumps(results, indent=2) if args.as_json else format_results(results))
     failed = [r["path"] for r in results if "error" in r]
     if failed:

@@ -21,6 +21,19 @@ BACKENDS = ("auto", "dali_gpu", "dali_cpu", "torchvision", "synthetic")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 WANDB_MODES = ("online", "offline", "disabled")
+FREEZES = ("none", "backbone")  # model.freeze
+
+
+@dataclass
+class ProgressiveConfig:
+    # Progressive resizing (FFCV's rule): the training crop is start_size up to epoch start_epoch,
+    # end_size from epoch end_epoch on (epochs from 0), linear in between, rounded to multiples of
+    # 32 px. All null: off (data.image_size every epoch). Validation keeps data.val_image_size.
+    start_size: Optional[int] = None
+    end_size: Optional[int] = None
+    start_epoch: Optional[int] = None
+    end_epoch: Optional[int] = None
+    step: int = 32  # px between the ramp's sizes (FFCV's 32)
 
 
 @dataclass
@@ -28,8 +41,10 @@ class DataConfig:
     root: str = MISSING  # ImageNet-layout tree: ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG
     backend: str = "auto"  # one of BACKENDS; auto = dali_gpu > dali_cpu > torchvision
     batch_size: int = 256  # per device
-    image_size: int = 224  # training crop and validation centre crop
+    image_size: int = 224  # training crop (unless data.progressive), and validation's unless val_image_size
     val_resize: int = 256  # validation: shorter side resized to this, then centre crop
+    val_image_size: Optional[int] = None  # validation centre crop; None: data.image_size
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
     num_workers: int = 8  # DataLoader workers, or DALI threads, per device
     filelist_cache: bool = True  # reuse the tree's file list between runs (large trees)
     synthetic_size: int = 1281167  # images per epoch for backend=synthetic (timing the model)
@@ -42,16 +57,47 @@ class ModelConfig:
     zero_init_residual: bool = False
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
+    # Antialiased downsampling (FFCV, Composer): a 3x3 binomial blur before every strided conv with
+    # >= 16 input channels, and max-pool then blur; no parameters added, state_dict keys unchanged.
+    blurpool: bool = False
+    sync_bn: bool = False  # under DDP, BatchNorm statistics over every rank's batch (SyncBatchNorm)
+    # Fine-tuning (trainer/finetune.py): weights loaded into the new network before training (not a
+    # resume: no optimiser state, epoch 0). A torchvision state_dict (torch.save), a safetensors file,
+    # or one of our checkpoints (.ckpt: its EMA when it has one) or exports. A different class count
+    # re-initialises the classifier (fc); any other key that does not fit is an error.
+    init_from: Optional[str] = None
+    # none | backbone: everything but the classifier (fc) frozen: no gradients, and BatchNorm kept in
+    # eval mode (its running statistics do not move).
+    freeze: str = "none"
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.256  # per 256 images; the run uses lr * global_batch / 256
-    momentum: float = 0.875
-    nesterov: bool = False
+    name: str = "sgd"  # one of trainer.optim.OPTIMIZERS: sgd | lars | lamb (timm's) | adamw
+    # Per 256 images, for every optimiser; the run uses lr * effective batch / 256, where the
+    # effective batch is data.batch_size x world size x trainer.accumulate_grad_batches.
+    lr: float = 0.256
+    momentum: float = 0.875  # sgd and lars
+    nesterov: bool = False  # sgd and lars
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw and lamb
+    eps: Optional[float] = None  # adamw, lamb, lars; None: the optimiser's own (1e-8; lamb 1e-6)
+    trust_coeff: float = 0.001  # lars: eta of the layer-wise trust ratio (never on BN and biases)
     weight_decay: float = 3.0517578125e-05  # never on BatchNorm parameters or biases
     label_smoothing: float = 0.1
-    warmup_epochs: float = 8.0  # linear warmup, then cosine to zero, stepped per iteration
+    warmup_epochs: float = 8.0  # linear warmup, then the schedule, stepped per iteration
+    # One of trainer.schedules.SCHEDULES: cosine to zero | linear to zero (FFCV) | step (x gamma at
+    # each of milestones) | poly: (1 - progress) ** poly_power to zero (MLPerf's LARS).
+    schedule: str = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [30.0, 60.0, 80.0])  # schedule=step: epochs
+    gamma: float = 0.1  # schedule=step: the lr's factor at each milestone
+    poly_power: float = 2.0  # schedule=poly
+
+
+@dataclass
+class LossConfig:
+    # ce: softmax cross-entropy | bce: a sigmoid per class (ResNet Strikes Back, Composer), summed
+    # over the classes and averaged over the batch. Both smooth by optim.label_smoothing.
+    name: str = "ce"
 
 
 @dataclass
@@ -67,14 +113,16 @@ class TrainerConfig:
     limit_val_batches: Optional[float] = None
     gradient_clip_val: Optional[float] = None
     deterministic: bool = False
+    accumulate_grad_batches: int = 1  # an optimiser step every N batches; the lr follows the effective batch
 
 
 @dataclass
 class RunConfig:
     dir: str = "runs/${model.arch}"  # config.yaml, checkpoints/, summary.json land here
     resume: bool = True  # fit again on the same run.dir continues from checkpoints/last.ckpt
-    # Resume although the world size, global batch or trainer.max_epochs differ from the
-    # checkpoint's (a warning says what is re-derived); false: such a resume is an error.
+    # Resume although the world size, global batch, trainer.accumulate_grad_batches or
+    # trainer.max_epochs differ from the checkpoint's (a warning says what is re-derived); false:
+    # such a resume is an error.
     allow_resume_change: bool = False
     keep_hpc_checkpoints: Optional[int] = 2  # newest preemption checkpoints (hpc_ckpt_N) kept; None: all
     # Debugging: append every trained batch's labels, per rank, to PATH.rank<R>.jsonl (see README).
@@ -100,11 +148,40 @@ class LoggerConfig:
 
 
 @dataclass
+class AugConfig:
+    # Training augmentation. auto_augment and random_erasing run where the backend decodes (DALI's
+    # auto_aug on dali_gpu/dali_cpu, torchvision.transforms.v2 on torchvision); MixUp/CutMix on the
+    # batch on the training device, for every backend (trainer/mixing.py).
+    auto_augment: str = "none"  # one of AUTO_AUGMENTS: none | trivial_wide | rand_augment (2 ops, magnitude 9)
+    random_erasing: float = 0.0  # probability per image (torchvision's RandomErasing); 0: off
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing weight; 0: off
+    cutmix_alpha: float = 0.0  # 0: off; with mixup_alpha too, one of the two per batch, at random
+    repeated_augment: int = 1  # each chosen image fed N times per epoch (DeiT's RASampler); 1: off
+
+
+@dataclass
+class EvalConfig:
+    tta_flip: bool = False  # validation averages the logits of each image and its mirror (as FFCV)
+
+
+@dataclass
+class EmaConfig:
+    # An exponential moving average of the weights and BatchNorm statistics (trainer/ema.py), kept in
+    # float32 and validated every epoch as val_ema/*; None: off. E.g. 0.9999 (per optimiser step).
+    decay: Optional[float] = None
+    every_n_steps: int = 1  # update after every N-th optimiser step (the decay applies per update)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
@@ -204,7 +281,10 @@ def from_saved(saved: dict, source: str) -> DictConfig:
 
 def validate(cfg: DictConfig) -> None:
     """Checks the schema cannot express: choices, ranges, interpolations that resolve."""
+    from trainer.losses import LOSSES
     from trainer.models import ARCHS  # light import: torch is already needed by every verb
+    from trainer.optim import OPTIMIZERS
+    from trainer.schedules import SCHEDULES
 
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
@@ -226,25 +306,115 @@ def validate(cfg: DictConfig) -> None:
     choice("trainer.precision", PRECISIONS)
     choice("trainer.accelerator", ACCELERATORS)
     choice("logger.wandb.mode", WANDB_MODES)
+    choice("optim.name", OPTIMIZERS)
+    choice("optim.schedule", SCHEDULES)
+    choice("loss.name", LOSSES)
     if cfg.logger.wandb.log_model not in (True, False, "all"):
         raise ConfigError(f"logger.wandb.log_model={cfg.logger.wandb.log_model!r} must be true, false or all")
     for key in ("data.batch_size", "data.image_size", "data.val_resize", "optim.lr", "trainer.max_epochs",
-                "trainer.num_nodes", "model.num_classes", "trainer.log_every_n_steps", "run.keep_hpc_checkpoints"):
+                "trainer.num_nodes", "model.num_classes", "trainer.log_every_n_steps", "run.keep_hpc_checkpoints",
+                "optim.eps", "optim.trust_coeff", "optim.poly_power", "trainer.accumulate_grad_batches"):
         positive(key)
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be 0 or more")
-    if cfg.data.val_resize < cfg.data.image_size:
-        raise ConfigError(
-            f"data.val_resize={cfg.data.val_resize} is smaller than data.image_size={cfg.data.image_size}; "
-            f"the centre crop must fit inside the resized image"
-        )
+    _validate_sizes_and_aug(cfg)
     if not 0 <= cfg.optim.label_smoothing < 1:
         raise ConfigError(f"optim.label_smoothing={cfg.optim.label_smoothing} must be in [0, 1)")
     if cfg.optim.warmup_epochs < 0:
         raise ConfigError(f"optim.warmup_epochs={cfg.optim.warmup_epochs} must be 0 or more")
+    _validate_optim(cfg.optim)
+    _validate_ema_and_finetune(cfg)
     devices = cfg.trainer.devices
     if not (devices == "auto" or (isinstance(devices, int) and devices > 0)):
         raise ConfigError(f"trainer.devices={devices!r} must be a positive int or 'auto'")
+
+
+def _validate_sizes_and_aug(cfg: DictConfig) -> None:
+    """The validation crop, progressive resizing, augmentation and test-time augmentation."""
+    from data_pipelines.augment import AUTO_AUGMENTS
+
+    d, a = cfg.data, cfg.aug
+    if d.val_image_size is None:
+        crop_key, crop = "data.image_size", d.image_size
+    else:
+        crop_key, crop = "data.val_image_size", d.val_image_size
+    if crop <= 0:
+        raise ConfigError(f"{crop_key}={crop} must be positive")
+    if d.val_resize < crop:
+        raise ConfigError(
+            f"data.val_resize={d.val_resize} is smaller than {crop_key}={crop}; "
+            f"the centre crop must fit inside the resized image"
+        )
+    ramp = {k: d.progressive[k] for k in ("start_size", "end_size", "start_epoch", "end_epoch")}
+    if any(v is not None for v in ramp.values()):
+        unset = [f"data.progressive.{k}" for k, v in ramp.items() if v is None]
+        if unset:
+            raise ConfigError(f"progressive resizing needs all four keys: set {', '.join(unset)} (or none)")
+        for key in ("start_size", "end_size"):
+            if ramp[key] <= 0:
+                raise ConfigError(f"data.progressive.{key}={ramp[key]} must be positive")
+        if ramp["start_size"] > ramp["end_size"]:
+            raise ConfigError(f"data.progressive.start_size={ramp['start_size']} is larger than "
+                              f"data.progressive.end_size={ramp['end_size']}; the ramp grows (as FFCV's)")
+        if not 0 <= ramp["start_epoch"] <= ramp["end_epoch"]:
+            raise ConfigError(f"data.progressive.start_epoch={ramp['start_epoch']} and end_epoch={ramp['end_epoch']} "
+                              f"must satisfy 0 <= start_epoch <= end_epoch")
+    if d.progressive.step < 1:
+        raise ConfigError(f"data.progressive.step={d.progressive.step} must be at least 1 px")
+    if a.auto_augment not in AUTO_AUGMENTS:
+        raise ConfigError(f"aug.auto_augment={a.auto_augment!r} is not allowed; choose one of: {', '.join(AUTO_AUGMENTS)}")
+    if not 0 <= a.random_erasing <= 1:
+        raise ConfigError(f"aug.random_erasing={a.random_erasing} must be a probability in [0, 1] (0: off)")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if a[key] < 0:
+            raise ConfigError(f"aug.{key}={a[key]} must be 0 (off) or positive")
+    if a.repeated_augment < 1:
+        raise ConfigError(f"aug.repeated_augment={a.repeated_augment} must be 1 (off) or more")
+
+
+def _validate_optim(o: DictConfig) -> None:
+    """The optimiser's and the schedule's ranges (timm's and torch's optimisers would refuse them
+    only when built, after the data is listed)."""
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"optim.momentum={o.momentum} must be in [0, 1)")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay={o.weight_decay} must be 0 or more")
+    if o.nesterov and (o.name not in ("sgd", "lars") or o.momentum == 0):
+        raise ConfigError(f"optim.nesterov=true needs optim.name=sgd or lars and optim.momentum > 0 "
+                          f"(here optim.name={o.name}, optim.momentum={o.momentum})")
+    betas = list(o.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.betas={betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    milestones = list(o.milestones)
+    if any(m <= 0 for m in milestones) or milestones != sorted(set(milestones)):
+        raise ConfigError(f"optim.milestones={milestones} must be positive epochs in ascending order, e.g. [30, 60, 80]")
+    if not 0 < o.gamma <= 1:
+        raise ConfigError(f"optim.gamma={o.gamma} must be in (0, 1]")
+
+
+def _validate_ema_and_finetune(cfg: DictConfig) -> None:
+    """The weights' moving average and fine-tuning. model.init_from's file is opened when the model
+    is built (a checkpoint's saved config may name a file that is gone, and needs it no more)."""
+    decay = cfg.ema.decay
+    if decay is not None and not 0 < decay < 1:
+        raise ConfigError(f"ema.decay={decay} must be between 0 and 1 (e.g. 0.9999), or null (off)")
+    if cfg.ema.every_n_steps < 1:
+        raise ConfigError(f"ema.every_n_steps={cfg.ema.every_n_steps} must be 1 or more")
+    if cfg.model.freeze not in FREEZES:
+        raise ConfigError(f"model.freeze={cfg.model.freeze!r} is not allowed; choose one of: {', '.join(FREEZES)}")
+    if cfg.model.init_from == "":
+        raise ConfigError("model.init_from='' is empty: give the path of a weights file, or null")
+
+
+def require_init_from(cfg: DictConfig) -> str | None:
+    """``model.init_from``; a ConfigError saying how to set it when it is unset under the fine-tuning
+    recipe (checked when the model is built, as data.root is: every recipe composes without it)."""
+    if cfg.model.init_from is None and cfg.experiment == "finetune":
+        raise ConfigError(
+            "model.init_from is not set: experiment=finetune fine-tunes trained weights; pass "
+            "model.init_from=PATH (a torchvision state_dict, a .safetensors file or an imagenet-trainer .ckpt)"
+        )
+    return cfg.model.init_from
 
 
 def require_data_root(cfg: DictConfig) -> str:

@@ -12,6 +12,10 @@ Formats:
 
 Each file gets a JSON sidecar, ``OUT.json`` (``resnet50.onnx`` -> ``resnet50.onnx.json``): arch,
 class names (wnids in index order), preprocessing (resize, crop, mean, std) and where it came from.
+
+Weights: a checkpoint of a run with ``ema.decay`` holds two sets, the trained ("raw") weights and
+their exponential moving average ("ema", trainer/ema.py); the EMA is exported unless
+``weights="raw"`` (``--weights raw``), and the sidecar's ``weights`` says which it is.
 """
 from __future__ import annotations
 
@@ -31,6 +35,10 @@ FORMATS = ("torchvision", "safetensors", "onnx")
 SUFFIXES = {"torchvision": ".pt", "safetensors": ".safetensors", "onnx": ".onnx"}
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 METADATA_KEY = "imagenet_trainer"  # the sidecar's JSON, inside a safetensors file's metadata
+# A checkpoint of a fit with ema.decay holds the EMA of the weights (trainer/ema.py) in
+# checkpoint["callbacks"][EMA_KEY]["state_dict"], with the network's own key names.
+EMA_KEY = "EMA"
+WEIGHTS = ("ema", "raw")  # --weights: the EMA or the raw (trained) weights of a checkpoint
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -63,8 +71,37 @@ def plain_state_dict(lightning_state_dict: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The plain state_dict and the metadata (see ``checkpoint_metadata``) of a Lightning checkpoint.
+def ema_state_dict(ckpt: dict) -> dict[str, torch.Tensor] | None:
+    """The EMA weights in Lightning checkpoint ``ckpt`` (the network's key names), or None."""
+    state = (ckpt.get("callbacks") or {}).get(EMA_KEY) or {}
+    return state.get("state_dict")
+
+
+def choose_weights(ckpt: dict, weights: str | None, source: str) -> str:
+    """``"ema"`` or ``"raw"``: ``weights`` checked against ``ckpt``; None picks the EMA when the
+    checkpoint holds one, else the raw weights. A ValueError names what is wrong."""
+    has_ema = ema_state_dict(ckpt) is not None
+    if weights is None:
+        return "ema" if has_ema else "raw"
+    if weights not in WEIGHTS:
+        raise ValueError(f"--weights {weights!r} is unknown; choose one of: {', '.join(WEIGHTS)}")
+    if weights == "ema" and not has_ema:
+        raise ValueError(f"{source} holds no EMA weights (it was trained without ema.decay); use --weights raw")
+    return weights
+
+
+def checkpoint_weights(ckpt: dict, weights: str | None, source: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The network's state_dict in ``ckpt`` (torchvision's key names, contiguous, on the CPU): the
+    EMA or the raw weights as ``choose_weights`` picks them; and which (``"ema"`` or ``"raw"``)."""
+    weights = choose_weights(ckpt, weights, source)
+    if weights == "raw":
+        return plain_state_dict(ckpt["state_dict"]), weights
+    return {k: v.detach().cpu().contiguous() for k, v in ema_state_dict(ckpt).items()}, weights
+
+
+def read_checkpoint(path: str | Path, weights: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The plain state_dict and the metadata (see ``checkpoint_metadata``) of a Lightning checkpoint;
+    ``weights``: ``"ema"``, ``"raw"`` or None (the EMA when it has one), said in the metadata's ``weights``.
 
     Loaded with ``weights_only=True``: a checkpoint from elsewhere cannot run code when read.
     """
@@ -82,7 +119,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise ValueError(
             f"{path} is not an imagenet-trainer checkpoint (no state_dict, or no config in its hyper_parameters)"
         )
-    return plain_state_dict(ckpt["state_dict"]), checkpoint_metadata(ckpt, source=str(path))
+    state_dict, weights = checkpoint_weights(ckpt, weights, str(path))
+    return state_dict, {**checkpoint_metadata(ckpt, source=str(path)), "weights": weights}
 
 
 def checkpoint_metadata(ckpt: dict, source: str) -> dict[str, Any]:
@@ -93,12 +131,17 @@ def checkpoint_metadata(ckpt: dict, source: str) -> dict[str, Any]:
     classes = list(hp.get("classes") or [])
     num_classes = int(hp.get("num_classes") or config["model"].get("num_classes") or len(classes))
     data = config["data"]
+    # A BlurPool net has torchvision's weights but not its forward: torchvision's builder would
+    # load them and compute something else; build_model(arch, K, blurpool=True) rebuilds it.
+    blurpool = bool(config["model"].get("blurpool", False))
     return {
         "arch": arch,
         "num_classes": num_classes,
+        "blurpool": blurpool,
         "classes": classes,
-        "preprocessing": preprocessing(int(data["val_resize"]), int(data["image_size"])),
-        "torchvision_builder": f"torchvision.models.{arch}" if arch in TORCHVISION_ARCHS else None,
+        # The validation crop: data.val_image_size when set (older configs have no such key).
+        "preprocessing": preprocessing(int(data["val_resize"]), int(data.get("val_image_size") or data["image_size"])),
+        "torchvision_builder": f"torchvision.models.{arch}" if arch in TORCHVISION_ARCHS and not blurpool else None,
         "source": {
             "checkpoint": source,
             "epoch": ckpt.get("epoch"),
@@ -138,7 +181,7 @@ def build_network(meta: dict, state_dict: dict[str, torch.Tensor]) -> torch.nn.M
     """The network named in ``meta`` with ``state_dict`` loaded (strictly), in eval mode."""
     from trainer.models import build_model
 
-    model = build_model(meta["arch"], int(meta["num_classes"]))
+    model = build_model(meta["arch"], int(meta["num_classes"]), blurpool=bool(meta.get("blurpool", False)))
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
 
@@ -174,12 +217,14 @@ def export_onnx(model: torch.nn.Module, out: Path, crop: int, opset: int | None 
     _atomic(out, write)
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path | None = None, fmt: str = "torchvision") -> dict[str, Any]:
+def export_checkpoint(ckpt: str | Path, out: str | Path | None = None, fmt: str = "torchvision",
+                      weights: str | None = None) -> dict[str, Any]:
     """Export the Lightning checkpoint ``ckpt`` as ``fmt`` to ``out`` (default: beside it) with its
-    JSON sidecar; returns the sidecar's content, with ``path`` and ``sidecar`` added."""
+    JSON sidecar; returns the sidecar's content, with ``path`` and ``sidecar`` added. ``weights``:
+    ``"ema"``, ``"raw"`` or None (the EMA when the checkpoint holds one; the sidecar says which)."""
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is unknown; choose one of: {', '.join(FORMATS)}")
-    state_dict, meta = read_checkpoint(ckpt)
+    state_dict, meta = read_checkpoint(ckpt, weights)
     out = Path(out) if out is not None else default_out(ckpt, fmt)
     meta = {"format": fmt, **meta}
     if fmt == "torchvision":

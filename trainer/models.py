@@ -10,6 +10,9 @@ CIFAR-style models (``resnet20/32/44/56/110`` and ``plain*``) follow He et al. 2
 a 3x3 stem of 16 channels, three stages of 16/32/64 channels with n = (depth - 2) / 6 basic
 blocks each, global average pooling and a linear classifier; shortcuts are parameter-free
 (option A: subsample and zero-pad the channels), as in the paper.
+
+``blurpool=True`` adds antialiased downsampling (Zhang 2019) as FFCV and Composer apply it to
+ResNet-50: see ``apply_blurpool``.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.layers import BlurPool2d
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -149,11 +153,76 @@ class CifarResNet(nn.Module):
         return self.fc(x)
 
 
+# --- antialiased downsampling (BlurPool) --------------------------------------------------------
+
+
+class BlurConv2d(nn.Conv2d):
+    """A strided conv that sees its input blurred first: a depthwise 3x3 binomial filter
+    ([1, 2, 1] x [1, 2, 1] / 16), stride 1, zero padding, as FFCV's ``BlurPoolConv2d`` and
+    Composer's ``BlurConv2d(blur_first=True)``.
+
+    A subclass rather than a wrapper, so the state_dict keys stay the conv's own (``conv2.weight``);
+    the filter (timm's ``BlurPool2d``) is a non-persistent buffer, so it adds none.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.blur = BlurPool2d(self.in_channels, filt_size=3, stride=1, pad_mode="constant",
+                               device=self.weight.device, dtype=self.weight.dtype)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "BlurConv2d":
+        """The same conv, sharing its parameters, with the blur in front."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                  padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+        new.weight = conv.weight
+        new.bias = conv.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.blur(x))
+
+
+class BlurMaxPool2d(nn.Module):
+    """Max-pooling with stride 1, then a blur with the pool's stride: Zhang's MaxBlurPool, as
+    Composer's ``BlurMaxPool2d``. The output shape equals the strided max-pool's."""
+
+    def __init__(self, pool: nn.MaxPool2d) -> None:
+        super().__init__()
+        self.pool = nn.MaxPool2d(pool.kernel_size, stride=1, padding=pool.padding, dilation=pool.dilation,
+                                 ceil_mode=pool.ceil_mode)
+        self.blur = BlurPool2d(None, filt_size=3, stride=pool.stride, pad_mode="constant")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blur(self.pool(x))
+
+
+def apply_blurpool(model: nn.Module, min_channels: int = 16) -> nn.Module:
+    """``model`` with antialiased downsampling, in place, as Composer's ``apply_blurpool``: every
+    strided ``Conv2d`` with at least ``min_channels`` input channels (not the RGB stem) becomes a
+    ``BlurConv2d``, and every strided ``MaxPool2d`` a ``BlurMaxPool2d``.
+
+    FFCV replaces the same convs (its rule: stride > 1 and in_channels >= 16). Nothing learnable is
+    added: the parameter count and the state_dict keys are unchanged.
+    """
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (type(child) is nn.Conv2d and max(child.stride) > 1  # noqa: E721 (not a BlurConv2d again)
+                    and child.in_channels >= min_channels):
+                setattr(parent, name, BlurConv2d.from_conv(child))
+            elif type(child) is nn.MaxPool2d and child.stride not in (1, (1, 1)):  # noqa: E721
+                setattr(parent, name, BlurMaxPool2d(child))
+    return model
+
+
 # --- the one place names map to builders ------------------------------------------------------
 
 
-def build_model(arch: str, num_classes: int, zero_init_residual: bool = False, channels_last: bool = False) -> nn.Module:
-    """The network called ``arch`` (see ``ARCHS``) with a ``num_classes``-way classifier."""
+def build_model(arch: str, num_classes: int, zero_init_residual: bool = False, channels_last: bool = False,
+                blurpool: bool = False) -> nn.Module:
+    """The network called ``arch`` (see ``ARCHS``) with a ``num_classes``-way classifier; with
+    ``blurpool``, antialiased downsampling (``apply_blurpool``)."""
     if arch not in ARCHS:
         raise ValueError(f"model.arch={arch!r} is unknown; choose one of: {', '.join(ARCHS)}")
     if num_classes < 1:
@@ -166,6 +235,8 @@ def build_model(arch: str, num_classes: int, zero_init_residual: bool = False, c
         model: nn.Module = _imagenet_model(spec, num_classes, zero_init_residual)
     else:
         model = CifarResNet(spec.layers, spec.residual, num_classes, zero_init_residual)
+    if blurpool:
+        model = apply_blurpool(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -1,10 +1,9 @@
 """The LightningModule: model, loss, optimiser, learning-rate schedule and metrics.
 
 Data belongs to the DataModule and launching to the CLI; nothing here reads the config.
+The losses, optimisers and schedules themselves are in ``losses.py``, ``optim.py`` and ``schedules.py``.
 """
 from __future__ import annotations
-
-import math
 
 import pytorch_lightning as pl
 import torch
@@ -13,17 +12,11 @@ from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-
-def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the peak lr at optimiser step ``step`` (0-based).
-
-    Linear warmup reaching 1.0 at step ``warmup_steps - 1``, then a cosine from 1.0 to 0.0 at
-    step ``total_steps``; stepped per iteration, as NVIDIA's and torchvision's recipes do.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+from trainer import schedules
+from trainer.losses import build_loss
+from trainer.mixing import build_mixing
+from trainer.optim import build_optimizer
+from trainer.schedules import warmup_cosine  # noqa: F401 - importable from here, as before schedules.py
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -81,7 +74,10 @@ def clips_under_amp(trainer: pl.Trainer) -> bool:
 
 
 class Classifier(pl.LightningModule):
-    """Image classification with cross-entropy, SGD and warmup + cosine.
+    """Image classification: a loss (``loss``: ce or bce), an optimiser (``optimizer``: sgd, lars,
+    lamb or adamw) and a per-iteration lr schedule (``schedule``) after a linear warmup. The
+    defaults are cross-entropy, SGD and warmup + cosine, as before these choices existed: older
+    checkpoints rebuild unchanged.
 
     ``config`` (the resolved run config, a plain dict) and ``classes`` (class names in index
     order) are saved in every checkpoint, so a checkpoint is enough to rebuild, validate and
@@ -103,11 +99,27 @@ class Classifier(pl.LightningModule):
         channels_last: bool = False,
         config: dict | None = None,
         classes: list[str] | None = None,
+        optimizer: str = "sgd",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float | None = None,
+        trust_coeff: float = 0.001,
+        schedule: str = "cosine",
+        milestones: tuple[float, ...] = (30.0, 60.0, 80.0),
+        gamma: float = 0.1,
+        poly_power: float = 2.0,
+        loss: str = "ce",
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        tta_flip: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        # Takes class indices or soft [N, C] targets (mixed labels) alike.
+        self.criterion = build_loss(loss, label_smoothing)
+        # MixUp/CutMix of each training batch on its device (None: off); no parameters or buffers.
+        self.mixing = build_mixing(num_classes, mixup_alpha, cutmix_alpha)
+        self.tta_flip = tta_flip
         top5 = min(5, num_classes)
         # validate_args=False: the label-range check runs torch.unique, a host sync on a GPU, every
         # training step; the validation metrics below keep it.
@@ -135,9 +147,12 @@ class Classifier(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        if self.mixing is not None:  # labels become soft targets [N, C], which the loss takes as they are
+            images, labels = self.mixing(images, labels)
         logits = self.logits(images)
         loss = self.criterion(logits, labels)
-        self.train_top1(logits, labels)
+        # Soft targets (mixed labels): top-1 against the class with the largest share.
+        self.train_top1(logits, labels.argmax(dim=1) if labels.ndim > 1 else labels)
         n = labels.shape[0]
         self.train_loss.update(loss.detach(), n)
         # No sync_dist on step values: each would be a blocking all-reduce every step. No prog_bar:
@@ -157,6 +172,10 @@ class Classifier(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels = batch
         logits = self.logits(images)
+        if self.tta_flip:
+            # FFCV's test-time augmentation: the mean of the logits of the image and its mirror
+            # (logits, not probabilities; the loss and metrics below all take the mean).
+            logits = (logits + self.logits(images.flip(-1))) / 2
         n = labels.shape[0]
         self.val_top1.update(logits, labels)
         self.val_top5.update(logits, labels)
@@ -184,25 +203,40 @@ class Classifier(pl.LightningModule):
     # --- optimiser and schedule ----------------------------------------------------------
 
     def peak_lr(self) -> float:
-        """``lr`` is given per 256 images; the run scales it by the global batch (Goyal et al.)."""
-        global_batch = self.hparams.batch_size * (self.trainer.world_size if self._trainer else 1)
-        return self.hparams.lr * global_batch / 256
+        """``lr`` is given per 256 images; the run scales it by the effective batch of one optimiser
+        step (Goyal et al.): batch_size x world size x the trainer's accumulate_grad_batches."""
+        effective_batch = self.hparams.batch_size
+        if self._trainer is not None:
+            effective_batch *= self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return self.hparams.lr * effective_batch / 256
 
     def configure_optimizers(self):
-        # Lightning has moved the model to its device before it calls this hook.
-        impl = sgd_implementation(self.model.parameters(), clip_under_amp=clips_under_amp(self.trainer))
-        optimizer = torch.optim.SGD(
-            param_groups(self.model, self.hparams.weight_decay),
+        hp = self.hparams
+        # Lightning has moved the model to its device before it calls this hook. The fused/foreach
+        # choice is torch's (sgd, adamw); timm's lars and lamb pick foreach themselves.
+        torch_impl = hp.optimizer in ("sgd", "adamw")
+        impl = {}
+        if torch_impl:
+            impl = sgd_implementation(self.model.parameters(), clip_under_amp=clips_under_amp(self.trainer))
+        optimizer = build_optimizer(
+            hp.optimizer,
+            param_groups(self.model, hp.weight_decay),
             lr=self.peak_lr(),
-            momentum=self.hparams.momentum,
-            nesterov=self.hparams.nesterov,
-            **impl,
+            momentum=hp.momentum,
+            nesterov=hp.nesterov,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
+            trust_coeff=hp.trust_coeff,
+            impl=impl,
         )
-        keep_implementation(optimizer, impl)
+        if torch_impl:
+            keep_implementation(optimizer, impl)
+        # Optimiser steps: Lightning divides the batches by accumulate_grad_batches.
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs)
-        warmup_steps = int(round(self.hparams.warmup_epochs * steps_per_epoch))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps)
-        )
+        warmup_steps = int(round(hp.warmup_epochs * steps_per_epoch))
+        multiplier = schedules.schedule(hp.schedule, warmup_steps=warmup_steps, total_steps=total_steps,
+                                        milestones=[int(round(m * steps_per_epoch)) for m in hp.milestones],
+                                        gamma=hp.gamma, power=hp.poly_power)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -95,10 +95,21 @@ def _kind(path: Path) -> Optional[str]:
     return kind
 
 
-def _load_file(path: Path) -> Pretrained:
+def _check_export_weights(path: Path, meta: dict, weights: Optional[str]) -> None:
+    """An export holds one set of weights (its sidecar's ``weights``; raw before EMA existed):
+    asking for the other is an error that says how to get it."""
+    held = meta.get("weights", "raw")
+    if weights is not None and weights != held:
+        raise ValueError(
+            f"{path} holds the {held} weights, not the {weights} ones; export the checkpoint again with "
+            f"`imagenet-trainer export CKPT --weights {weights}`, or load the .ckpt itself"
+        )
+
+
+def _load_file(path: Path, weights: Optional[str] = None) -> Pretrained:
     kind = _kind(path)
     if kind == "lightning":
-        state_dict, meta = read_checkpoint(path)
+        state_dict, meta = read_checkpoint(path, weights)
         meta = {"format": "lightning", **meta}
         model = build_network(meta, state_dict)
     elif kind == "safetensors":
@@ -111,9 +122,11 @@ def _load_file(path: Path) -> Pretrained:
                 embedded = (f.metadata() or {}).get(METADATA_KEY)
             meta = json.loads(embedded) if embedded else None
         meta = _need_sidecar(path, meta)
+        _check_export_weights(path, meta, weights)
         model = build_network(meta, load_file(str(path)))
     elif kind == "torchvision":
         meta = _need_sidecar(path, _read_sidecar(path))
+        _check_export_weights(path, meta, weights)
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - refused unpickling or a corrupt file
@@ -121,6 +134,7 @@ def _load_file(path: Path) -> Pretrained:
         model = build_network(meta, state_dict)
     elif kind == "onnx":
         meta = _need_sidecar(path, _read_sidecar(path))
+        _check_export_weights(path, meta, weights)
         model = OnnxModel(path).eval()
     else:
         raise ValueError(
@@ -154,18 +168,23 @@ def download_artifact(ref: str, root: Optional[str | Path] = None) -> Path:
     return Path(artifact.download(root=str(root)))
 
 
-def load_pretrained(path: str | Path, *, download_root: Optional[str | Path] = None) -> Pretrained:
+def load_pretrained(path: str | Path, *, weights: Optional[str] = None,
+                    download_root: Optional[str | Path] = None) -> Pretrained:
     """The model at ``path`` in eval mode, with its preprocessing, class names and metadata.
 
     ``path``: a Lightning ``.ckpt``, an exported ``.pt``/``.safetensors``/``.onnx`` (its
     ``.json`` sidecar beside it) or ``wandb:ENTITY/PROJECT/NAME:ALIAS`` (downloaded to
     ``download_root``, by default under ``~/.cache/imagenet-trainer/artifacts``).
+
+    ``weights``: ``"ema"`` or ``"raw"`` for a checkpoint of a run that kept an EMA (``ema.decay``);
+    None takes the EMA when there is one. An export holds one set (``meta["weights"]``): asking for
+    the other is a ValueError.
     """
     text = str(path)
     if text.startswith(ARTIFACT_PREFIX):
         ref = text[len(ARTIFACT_PREFIX):]
         folder = download_artifact(ref, download_root)
-        result = _load_file(_model_file_in(folder))
+        result = _load_file(_model_file_in(folder), weights)
         result.meta["artifact"] = ref
         return result
     file = Path(path)
@@ -173,4 +192,4 @@ def load_pretrained(path: str | Path, *, download_root: Optional[str | Path] = N
         if _ARTIFACT_RE.match(text):
             raise FileNotFoundError(f"{text} is not a file; for a W&B artifact write {ARTIFACT_PREFIX}{text}")
         raise FileNotFoundError(f"model file {file} does not exist")
-    return _load_file(file)
+    return _load_file(file, weights)

@@ -21,10 +21,14 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from data_pipelines.datamodule import ImageNetDataModule
+from data_pipelines.resolution import ResolutionSchedule
 from trainer import preemption, slurm
 from trainer.callbacks import (AtomicCheckpointIO, PlainProgress, ProgressBar, RecordSamples,
-                               ReleaseValidationPipelines, RestartResumedEpoch, Throughput)
-from trainer.config import ConfigError, apply_overrides, from_saved, require_data_root, to_dict, to_yaml, validate
+                               ReleaseValidationPipelines, RestartResumedEpoch, SampleGrid, Throughput)
+from trainer.config import (ConfigError, apply_overrides, from_saved, require_data_root, require_init_from, to_dict,
+                            to_yaml, validate)
+from trainer.export import checkpoint_weights
+from trainer.finetune import HEAD, freeze_backbone, load_weights, read_weights
 from trainer.models import build_model
 from trainer.module import Classifier
 
@@ -73,10 +77,26 @@ def build_datamodule(cfg: DictConfig) -> ImageNetDataModule:
         num_classes=cfg.model.num_classes,
         gpu_dtype=input_dtype(cfg.trainer.precision),
         channels_last=cfg.model.channels_last,
+        val_image_size=d.val_image_size,
+        resolution=resolution_schedule(d.progressive),
+        auto_augment=cfg.aug.auto_augment,
+        random_erasing=cfg.aug.random_erasing,
+        repeated_augment=cfg.aug.repeated_augment,
     )
 
 
-def build_module(cfg: DictConfig, classes: list[str]) -> Classifier:
+def resolution_schedule(p: DictConfig) -> ResolutionSchedule | None:
+    """``data.progressive`` as a schedule; None when its keys are unset (validate() has checked
+    that all four are set or none)."""
+    if p.start_size is None:
+        return None
+    return ResolutionSchedule(start_size=p.start_size, end_size=p.end_size, start_epoch=p.start_epoch,
+                              end_epoch=p.end_epoch, step=p.step)
+
+
+def build_module(cfg: DictConfig, classes: list[str], *, load_init_from: bool = True) -> Classifier:
+    """The Classifier for ``cfg`` and ``classes``; its network starts from ``model.init_from``'s
+    weights unless ``load_init_from`` is false (a resume, a validation: a checkpoint's weights follow)."""
     num_classes = cfg.model.num_classes or len(classes)
     if num_classes < len(classes):
         raise ConfigError(
@@ -84,7 +104,15 @@ def build_module(cfg: DictConfig, classes: list[str]) -> Classifier:
             f"leave it unset (null) to take the data's count"
         )
     m, o = cfg.model, cfg.optim
-    model = build_model(m.arch, num_classes, zero_init_residual=m.zero_init_residual, channels_last=m.channels_last)
+    model = build_model(m.arch, num_classes, zero_init_residual=m.zero_init_residual, channels_last=m.channels_last,
+                        blurpool=m.blurpool)
+    init_from = require_init_from(cfg) if load_init_from else None
+    if init_from:
+        _init_weights(model, init_from)
+    if m.freeze == "backbone":
+        frozen = freeze_backbone(model)
+        _say(f"model.freeze=backbone: {frozen} parameter tensors frozen, only {HEAD} trains; its BatchNorm layers "
+             f"stay in eval mode (Lightning's warning of modules in eval mode at the start of training is about them)")
     if m.compile:
         model = torch.compile(model)
     resolved = to_dict(cfg)
@@ -102,7 +130,34 @@ def build_module(cfg: DictConfig, classes: list[str]) -> Classifier:
         channels_last=m.channels_last,
         config=resolved,
         classes=list(classes),
+        optimizer=o.name,
+        betas=list(o.betas),
+        eps=o.eps,
+        trust_coeff=o.trust_coeff,
+        schedule=o.schedule,
+        milestones=list(o.milestones),
+        gamma=o.gamma,
+        poly_power=o.poly_power,
+        loss=cfg.loss.name,
+        mixup_alpha=cfg.aug.mixup_alpha,
+        cutmix_alpha=cfg.aug.cutmix_alpha,
+        tta_flip=cfg.eval.tta_flip,
     )
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    log.info(message)
+
+
+def _init_weights(model: torch.nn.Module, path: str) -> None:
+    """``model.init_from``'s weights into ``model``; a ConfigError naming the key when they do not fit."""
+    try:
+        state_dict, kind = read_weights(path)
+        note = load_weights(model, state_dict, source=f"model.init_from={path}")
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"model.init_from={path}: {err}") from None
+    _say(f"model.init_from: loaded {path} ({kind})" + (f"; {note}" if note else ""))
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Trainer:
@@ -130,6 +185,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Traine
         enable_checkpointing=for_fit,
         default_root_dir=str(run_dir),
         plugins=plugins,
+        # Lightning converts BatchNorm to SyncBatchNorm under DDP only (and back after the fit).
+        sync_batchnorm=cfg.model.sync_bn,
         # Our loaders shard by global rank themselves (data_pipelines/sharding.py).
         use_distributed_sampler=False,
         # Two validation batches before training (Lightning's sanity check): a broken validation
@@ -169,12 +226,18 @@ def _signal_handling(cfg: DictConfig, run_dir: Path, alloc: slurm.Allocation | N
 def _callbacks(cfg: DictConfig, run_dir: Path, for_fit: bool, *, alloc: slurm.Allocation | None,
                on_gpu: bool, tty: bool) -> list[pl.Callback]:
     """The callbacks in the order Lightning calls them: for a fit, preemption handling, checkpoints,
-    throughput and recorded samples; always, the release of validation pipelines and the progress."""
+    throughput, the grid of sample images and recorded samples; always, the release of validation
+    pipelines and the progress."""
     t = cfg.trainer
     callbacks: list[pl.Callback] = []
     if for_fit:
+        callbacks.append(_signal_handling(cfg, run_dir, alloc))
+        if cfg.ema.decay is not None:
+            from trainer.ema import EMA  # imports timm when the fit starts
+
+            # Validated as val_ema/* beside val/*; kept in every checkpoint (trainer/ema.py).
+            callbacks.append(EMA(cfg.ema.decay, cfg.ema.every_n_steps))
         callbacks += [
-            _signal_handling(cfg, run_dir, alloc),
             ModelCheckpoint(
                 dirpath=run_dir / "checkpoints",
                 filename="best-epoch{epoch:03d}",
@@ -185,6 +248,8 @@ def _callbacks(cfg: DictConfig, run_dir: Path, for_fit: bool, *, alloc: slurm.Al
                 save_last=True,
             ),
             Throughput(every=t.log_every_n_steps),
+            # RUN_DIR/samples.png (and W&B "samples"): the first training images as augmented.
+            SampleGrid(run_dir / "samples.png"),
         ]
         if cfg.run.record_samples:
             callbacks.append(RecordSamples(cfg.run.record_samples))
@@ -218,6 +283,7 @@ def _settings(t: DictConfig) -> dict:
         limit_val_batches=t.limit_val_batches,
         gradient_clip_val=t.gradient_clip_val,
         deterministic=t.deterministic,
+        accumulate_grad_batches=t.accumulate_grad_batches,
     )
 
 
@@ -248,7 +314,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _metrics(trainer: pl.Trainer) -> dict:
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_ema/"))}
 
 
 def resume_checkpoint(run_dir: Path) -> Path | None:
@@ -261,16 +327,19 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
     return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
 
 
-def resume_changes(ckpt: dict, *, world_size: int, batch_size: int, max_epochs: int) -> list[tuple[str, int, int]]:
+def resume_changes(ckpt: dict, *, world_size: int, batch_size: int, max_epochs: int,
+                   accumulate: int = 1) -> list[tuple[str, int, int]]:
     """What differs between checkpoint ``ckpt`` and this run among the settings its peak lr, lr
     schedule and data position were derived from: (setting, the checkpoint's value, this run's).
 
     A checkpoint written before the world size was saved in it has an unknown world size: its
-    per-device batch (data.batch_size) is compared instead of the global batch.
+    per-device batch (data.batch_size) is compared instead of the global batch. One written before
+    trainer.accumulate_grad_batches existed accumulated nothing (1).
     """
     saved = ckpt.get("hyper_parameters", {}).get("config") or {}
     old_batch = saved.get("data", {}).get("batch_size")
     old_epochs = saved.get("trainer", {}).get("max_epochs")
+    old_accumulate = saved.get("trainer", {}).get("accumulate_grad_batches", 1)
     old_world = ckpt.get("world_size")
     changes = []
     if old_world is not None and old_world != world_size:
@@ -280,6 +349,8 @@ def resume_changes(ckpt: dict, *, world_size: int, batch_size: int, max_epochs: 
     if old_batch is not None and old_world is not None and old_batch * old_world != batch_size * world_size:
         changes.append(("the global batch (data.batch_size x world size)", old_batch * old_world,
                         batch_size * world_size))
+    if old_accumulate != accumulate:
+        changes.append(("trainer.accumulate_grad_batches", old_accumulate, accumulate))
     if old_epochs is not None and old_epochs != max_epochs:
         changes.append(("trainer.max_epochs", old_epochs, max_epochs))
     return changes
@@ -292,7 +363,7 @@ def _check_resume(ckpt_path: Path, cfg: DictConfig, trainer: pl.Trainer, dm: Ima
     # mmap: the config and the counters are read, not the weights.
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     changes = resume_changes(ckpt, world_size=trainer.world_size, batch_size=cfg.data.batch_size,
-                             max_epochs=cfg.trainer.max_epochs)
+                             max_epochs=cfg.trainer.max_epochs, accumulate=cfg.trainer.accumulate_grad_batches)
     if not changes:
         return
     listed = ", ".join(f"{what} {old} (this run: {new})" for what, old, new in changes)
@@ -303,7 +374,10 @@ def _check_resume(ckpt_path: Path, cfg: DictConfig, trainer: pl.Trainer, dm: Ima
             f"to continue with the new ones (the schedule's length and the data position are re-derived, "
             f"the peak lr is kept)"
         )
-    batch_changed = any(what != "trainer.max_epochs" for what, _, _ in changes)
+    # The data position counts batches per rank: accumulating another number of them changes the
+    # effective batch (and so the peak lr it gave), not the position.
+    lr_changed = any(what != "trainer.max_epochs" for what, _, _ in changes)
+    batch_changed = any(what not in ("trainer.max_epochs", "trainer.accumulate_grad_batches") for what, _, _ in changes)
     if batch_changed:
         dm.restart_epoch()
         trainer.callbacks.append(RestartResumedEpoch())
@@ -314,12 +388,13 @@ def _check_resume(ckpt_path: Path, cfg: DictConfig, trainer: pl.Trainer, dm: Ima
     said = [f"resuming from {ckpt_path} with {listed} (run.allow_resume_change=true).",
             f"The lr schedule's length is re-derived from this run's trainer.max_epochs and steps per epoch, "
             f"and it continues from the checkpoint's step {ckpt.get('global_step')}."]
-    if batch_changed:
+    if lr_changed:
         base_lrs = [sched.get("base_lrs") for sched in ckpt.get("lr_schedulers", [])]
         peak = f" ({base_lrs[0][0]:.4g})" if base_lrs and base_lrs[0] else ""
+        said += [f"The peak lr stays the checkpoint's{peak}: optim.lr x effective batch / 256 is not re-applied."]
+    if batch_changed:
         position = ckpt.get(ImageNetDataModule.__qualname__) or {}
-        said += [f"The peak lr stays the checkpoint's{peak}: optim.lr x global batch / 256 is not re-applied.",
-                 f"The saved data position (epoch={position.get('epoch')}, "
+        said += [f"The saved data position (epoch={position.get('epoch')}, "
                  f"batches_done={position.get('batches_done')}) counts the checkpoint's batches per rank: "
                  f"that epoch restarts from its first batch."]
     log.warning(" ".join(said))
@@ -338,7 +413,8 @@ def fit(cfg: DictConfig) -> dict | None:
         )
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg)
-    module = build_module(cfg, dm.classes)
+    # A resume takes the checkpoint's weights: model.init_from is for the fit's start only.
+    module = build_module(cfg, dm.classes, load_init_from=resume_from is None)
     trainer = build_trainer(cfg, run_dir, for_fit=True)
     if resume_from is not None:
         # Before config.yaml is written: a refused resume leaves the run directory as it was.
@@ -388,9 +464,10 @@ def load_checkpoint_config(ckpt_path: str | Path, overrides: list[str]) -> tuple
     return cfg, ckpt
 
 
-def validate_checkpoint(ckpt_path: str | Path, overrides: list[str]) -> dict | None:
+def validate_checkpoint(ckpt_path: str | Path, overrides: list[str], weights: str | None = None) -> dict | None:
     """Validate a checkpoint on ``data.root``'s val split (the saved one unless overridden); the
-    result (over every rank's images) on global rank 0, None on the other ranks."""
+    result (over every rank's images) on global rank 0, None on the other ranks. ``weights``:
+    ``"ema"``, ``"raw"`` or None (the EMA when the checkpoint holds one)."""
     cfg, ckpt = load_checkpoint_config(ckpt_path, overrides)
     dm = build_datamodule(cfg)
     classes = ckpt["hyper_parameters"].get("classes") or dm.classes
@@ -399,8 +476,10 @@ def validate_checkpoint(ckpt_path: str | Path, overrides: list[str]) -> dict | N
             f"the classes under data.root={cfg.data.root} differ from the {len(classes)} the checkpoint "
             f"was trained on: the class index would not match"
         )
-    module = build_module(cfg, classes)
-    module.load_state_dict(ckpt["state_dict"])
+    state_dict, weights = checkpoint_weights(ckpt, weights, str(ckpt_path))  # a ValueError says what is wrong
+    module = build_module(cfg, classes, load_init_from=False)
+    module.load_state_dict(ckpt["state_dict"])  # the raw weights, and the metrics' and loss' state
+    getattr(module.model, "_orig_mod", module.model).load_state_dict(state_dict)  # the chosen ones
     trainer = build_trainer(cfg, Path(cfg.run.dir), for_fit=False)
     trainer.validate(module, datamodule=dm, verbose=False)
     result = _metrics(trainer)
@@ -410,6 +489,7 @@ def validate_checkpoint(ckpt_path: str | Path, overrides: list[str]) -> dict | N
         "top5": result.get("val/top5"),
         "images": int(result.get("val/images", 0)),
         "loss": result.get("val/loss"),
-        "data_root": cfg.data.root,
+        "weights": weights,
+        "data_root": None if dm.backend == "synthetic" else cfg.data.root,  # synthetic: no tree (data.root unset)
     }
     return result if trainer.is_global_zero else None

@@ -128,8 +128,16 @@ def _run_info(run_dir: Path) -> dict:
 
     cfg = OmegaConf.load(config)
     keys = ("experiment", "seed", "data.root", "data.image_size", "data.batch_size", "optim.lr",
-            "optim.warmup_epochs", "trainer.max_epochs")
+            "optim.warmup_epochs", "optim.schedule", "optim.milestones", "trainer.max_epochs")
     return {k: OmegaConf.select(cfg, k) for k in keys}
+
+
+def _schedule_words(info: dict) -> str:
+    """The lr schedule of a run's info, as the study's table states it."""
+    schedule = info.get("optim.schedule") or "cosine"  # runs from before the key: cosine
+    if schedule == "step":
+        return f"lr / 10 at epochs {', '.join(str(int(m)) for m in info.get('optim.milestones') or [])}"
+    return schedule
 
 
 def finished_archs(study_dir: str | Path) -> list[str]:
@@ -217,7 +225,7 @@ def report_markdown(study_dir: Path, curves: list[Curves], title: str) -> str:
             f"Recipe `{info.get('experiment')}`, seed {info.get('seed')}, data `{info.get('data.root')}`, "
             f"{info.get('data.image_size')}px crops, batch {info.get('data.batch_size')} per device, "
             f"optim.lr {info.get('optim.lr')} (per 256 images), warmup {info.get('optim.warmup_epochs')} epochs "
-            f"then cosine, {info.get('trainer.max_epochs')} epochs.",
+            f"then {_schedule_words(info)}, {info.get('trainer.max_epochs')} epochs.",
             "",
         ]
     lines += [
