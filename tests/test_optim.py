@@ -200,6 +200,26 @@ def test_linear_schedule_in_a_real_fit_peaks_after_warmup_and_falls_to_zero(tmp_
     assert seen[-1] == pytest.approx(peak * 1 / 10)  # the last of 10 steps down to zero
 
 
+def test_linear_schedule_peaks_at_peak_epoch_as_ffcvs_lr_peak_epoch(tmp_path):
+    """optim.peak_epoch without a warmup is the same triangle as a warmup of that length."""
+    by_peak = Classifier(_tiny_net(), num_classes=4, batch_size=8, lr=0.256, momentum=0.9, warmup_epochs=0,
+                         schedule="linear", peak_epoch=1)
+    by_warmup = Classifier(_tiny_net(), num_classes=4, batch_size=8, lr=0.256, momentum=0.9, warmup_epochs=1,
+                           schedule="linear")
+    seen, _ = _fit_lrs(tmp_path / "peak", by_peak, epochs=3)
+    want, _ = _fit_lrs(tmp_path / "warmup", by_warmup, epochs=3)
+    assert seen == pytest.approx(want) and max(seen) == pytest.approx(0.256 * 8 / 256)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.peak_epoch=2"], "is for optim.schedule=linear"),
+    (["optim.schedule=linear", "optim.warmup_epochs=3", "optim.peak_epoch=2"], "before the end of optim.warmup_epochs"),
+])
+def test_peak_epoch_is_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(["data.root=/x", *overrides])
+
+
 # --- gradient accumulation ----------------------------------------------------------------------
 
 

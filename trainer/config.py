@@ -91,6 +91,9 @@ class OptimConfig:
     milestones: list[float] = field(default_factory=lambda: [30.0, 60.0, 80.0])  # schedule=step: epochs
     gamma: float = 0.1  # schedule=step: the lr's factor at each milestone
     poly_power: float = 2.0  # schedule=poly
+    # schedule=linear: the epoch of the peak lr (FFCV's lr_peak_epoch), reached by one linear ramp
+    # from zero; None: the end of warmup_epochs.
+    peak_epoch: Optional[float] = None
 
 
 @dataclass
@@ -385,6 +388,13 @@ def _validate_optim(o: DictConfig) -> None:
     betas = list(o.betas)
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ConfigError(f"optim.betas={betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if o.peak_epoch is not None:
+        if o.schedule != "linear":
+            raise ConfigError(f"optim.peak_epoch={o.peak_epoch} is for optim.schedule=linear (FFCV's ramp up and "
+                              f"down), not {o.schedule!r}; leave it null")
+        if o.peak_epoch < o.warmup_epochs:
+            raise ConfigError(f"optim.peak_epoch={o.peak_epoch} is before the end of optim.warmup_epochs="
+                              f"{o.warmup_epochs}; the ramp to the peak includes the warmup")
     milestones = list(o.milestones)
     if any(m <= 0 for m in milestones) or milestones != sorted(set(milestones)):
         raise ConfigError(f"optim.milestones={milestones} must be positive epochs in ascending order, e.g. [30, 60, 80]")

@@ -107,6 +107,7 @@ class Classifier(pl.LightningModule):
         milestones: tuple[float, ...] = (30.0, 60.0, 80.0),
         gamma: float = 0.1,
         poly_power: float = 2.0,
+        peak_epoch: float | None = None,
         loss: str = "ce",
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
@@ -234,7 +235,10 @@ class Classifier(pl.LightningModule):
         # Optimiser steps: Lightning divides the batches by accumulate_grad_batches.
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs)
-        warmup_steps = int(round(hp.warmup_epochs * steps_per_epoch))
+        warmup_epochs = hp.warmup_epochs
+        if hp.schedule == "linear" and hp.get("peak_epoch") is not None:  # absent from older checkpoints
+            warmup_epochs = max(warmup_epochs, hp.peak_epoch)  # one ramp from zero up to the peak (FFCV's)
+        warmup_steps = int(round(warmup_epochs * steps_per_epoch))
         multiplier = schedules.schedule(hp.schedule, warmup_steps=warmup_steps, total_steps=total_steps,
                                         milestones=[int(round(m * steps_per_epoch)) for m in hp.milestones],
                                         gamma=hp.gamma, power=hp.poly_power)

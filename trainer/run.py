@@ -138,6 +138,7 @@ def build_module(cfg: DictConfig, classes: list[str], *, load_init_from: bool = 
         milestones=list(o.milestones),
         gamma=o.gamma,
         poly_power=o.poly_power,
+        peak_epoch=o.peak_epoch,
         loss=cfg.loss.name,
         mixup_alpha=cfg.aug.mixup_alpha,
         cutmix_alpha=cfg.aug.cutmix_alpha,
