@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
@@ -434,7 +433,7 @@ class DALILoader:
         # Lightning calls ``loader.sampler.set_epoch(epoch)`` at every epoch start, as for a
         # DataLoader with a DistributedSampler; this keeps the loader on Lightning's epoch when an
         # epoch ends early (limit_train_batches, max_steps) without wiring in the caller.
-        self.sampler = _EpochSetter(self)
+        self.sampler = sharding.EpochSetter(self)
         self.batch_sampler = None  # read beside ``sampler`` by Lightning's shuffle check
         if train:  # fail now, not at the first batch, when a rank would get no full batch
             sharding.steps_per_epoch(len(self.files), num_shards, batch_size)
@@ -657,14 +656,3 @@ def _pinned(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         return tensor.pin_memory()
     return tensor
 
-
-class _EpochSetter:
-    """The part of a sampler Lightning uses: ``set_epoch``."""
-
-    def __init__(self, loader: DALILoader) -> None:
-        self._loader = weakref.ref(loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        loader = self._loader()
-        if loader is not None:
-            loader.set_epoch(epoch)

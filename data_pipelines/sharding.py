@@ -15,6 +15,8 @@ that the sample sequence is a function of (seed, epoch, rank, world size) alone:
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 
@@ -135,3 +137,17 @@ class EpochSampler:
 
     def __len__(self) -> int:
         return self.steps * self.batch_size
+
+
+class EpochSetter:
+    """The part of a sampler Lightning uses, ``set_epoch``, for a loader that orders its own samples
+    (the DALI and synthetic loaders): Lightning calls ``loader.sampler.set_epoch(epoch)`` at every
+    epoch start. A weak reference: the loader owns this object, not the other way round."""
+
+    def __init__(self, loader) -> None:
+        self._loader = weakref.ref(loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        loader = self._loader()
+        if loader is not None:
+            loader.set_epoch(epoch)

@@ -1,10 +1,10 @@
 """Random tensors in place of images, to time the model and the training loop alone."""
 from __future__ import annotations
 
-import weakref
 
 import torch
 
+from data_pipelines import sharding
 from data_pipelines.resolution import ResolutionSchedule, train_size
 
 
@@ -26,7 +26,7 @@ class SyntheticLoader:
         self.resolution = resolution
         self.num_batches = num_batches
         self.epoch = 0
-        self.sampler = _EpochSetter(self)
+        self.sampler = sharding.EpochSetter(self)
         self.batch_sampler = None  # read beside ``sampler`` by Lightning's shuffle check
         self._make(train_size(0, image_size, resolution))
 
@@ -53,14 +53,3 @@ class SyntheticLoader:
         for _ in range(self.num_batches):
             yield self.images, self.labels
 
-
-class _EpochSetter:
-    """The part of a sampler Lightning uses: ``set_epoch``."""
-
-    def __init__(self, loader: SyntheticLoader) -> None:
-        self._loader = weakref.ref(loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        loader = self._loader()
-        if loader is not None:
-            loader.set_epoch(epoch)
