@@ -1,0 +1,282 @@
+"""Tar-sharded ImageNet: the format ``imagenet-trainer pack`` writes, and the sample order every
+backend reads it in.
+
+The format (``FORMAT``, version ``VERSION``) is WebDataset's, with DALI's indices::
+
+    OUT/manifest.json        what is in the shards (below); written last, so its presence means a
+                             complete pack
+    OUT/train-000000.tar     one ``KEY.jpg`` (the original file's bytes, whatever its format) and
+    OUT/train-000000.idx     one ``KEY.cls`` (the class index in ASCII decimal) per image; the index
+    ...                      in DALI's ``v1.2`` format (``fn.readers.webdataset(index_paths=)``):
+    OUT/val-000000.tar       a ``v1.2 N`` line, then one line per image,
+    OUT/val-000000.idx       ``jpg OFFSET SIZE KEY.jpg cls OFFSET SIZE KEY.cls``
+
+``KEY`` is ``<class folder>/<file stem>``, with spaces and dots in the stem made ``_`` (an index
+line is split at spaces, a WebDataset key ends at its first dot). ``manifest.json``::
+
+    {"format": FORMAT, "version": 1, "classes": [wnid, ...],       # index order = the folder layout's
+     "source_root": "/abs/path", "seed": 0, "shard_size": BYTES,
+     "splits": {"train": {"images": N, "shards": [{"tar": "train-000000.tar",
+                "index": "train-000000.idx", "images": n, "bytes": B, "sha256": HEX}, ...]},
+                "val": {...}},
+     "skipped": [{"path": ..., "reason": ...}, ...]}               # bad files left out (--skip-bad)
+
+Sample order, the folder path's contract kept (:mod:`data_pipelines.sharding`), in terms of
+shards so that ranks read distinct shards:
+
+* training, each epoch: a seeded permutation of the train shards is laid end to end, each shard's
+  images in a seeded order of their own (the shuffle buffer is one shard; ``pack`` already mixed
+  the classes over the shards), and the stream is dealt to the ranks in contiguous spans of
+  ``steps * batch_size`` images: every rank the same number of full batches, each reading about
+  ``1 / world`` of the shards, the few images left over differing from epoch to epoch;
+* validation: the shards in order, cut into contiguous slices that hold each image exactly once;
+* resume: ``start_step`` skips exactly the batches fed, as for folders.
+
+A sample id is the image's position in its split: the shards in manifest order, images in index
+order.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from . import layout
+from .sharding import resume_point, steps_per_epoch  # noqa: F401 - re-exported for the loaders
+
+FORMAT = "imagenet-trainer shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+INDEX_VERSION = "v1.2"
+
+
+class ShardError(layout.DataLayoutError):
+    """A pack is incomplete, damaged or of another format; the message says what to do."""
+
+
+def is_sharded(root: str | os.PathLike | None) -> bool:
+    """Whether ``root`` holds a pack (a ``manifest.json``) rather than an ImageNet folder tree."""
+    return root is not None and (Path(root) / MANIFEST).is_file()
+
+
+@dataclass(frozen=True)
+class Shard:
+    tar: Path
+    index: Path
+    images: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ShardSplit:
+    """One split of a pack: its shards in manifest order."""
+
+    root: Path
+    name: str
+    classes: list[str]
+    shards: list[Shard] = field(repr=False)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @cached_property
+    def starts(self) -> np.ndarray:
+        """Sample id of each shard's first image; the last entry is the split's size."""
+        return np.concatenate([[0], np.cumsum([s.images for s in self.shards])]).astype(np.int64)
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard number, position in that shard's index) of each sample id."""
+        shard = np.searchsorted(self.starts, ids, side="right") - 1
+        return shard, ids - self.starts[shard]
+
+    def index_lines(self, shard: int) -> list[str]:
+        """The index's sample lines of shard number ``shard``, in its order."""
+        path = self.shards[shard].index
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as err:
+            raise ShardError(f"cannot read the shard index {path}: {err.strerror or err}; re-run "
+                             f"`imagenet-trainer pack` for {self.root}") from err
+        header = lines[0].split() if lines else []
+        if len(header) != 2 or header[0] != INDEX_VERSION or int(header[1]) != len(lines) - 1:
+            raise ShardError(f"{path} is not a complete {INDEX_VERSION} index ({len(lines) - 1} sample lines, "
+                             f"header {lines[:1]}); re-run `imagenet-trainer pack` for {self.root}")
+        if len(lines) - 1 != self.shards[shard].images:
+            raise ShardError(f"{path} lists {len(lines) - 1} images, the manifest {self.shards[shard].images}; "
+                             f"the pack under {self.root} is damaged: re-run `imagenet-trainer pack`")
+        return lines[1:]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    classes: list[str]
+    splits: dict[str, ShardSplit]
+    data: dict = field(repr=False)
+
+    @property
+    def train(self) -> ShardSplit:
+        return self.splits["train"]
+
+    @property
+    def val(self) -> ShardSplit:
+        return self.splits["val"]
+
+    def shards(self) -> list[Shard]:
+        return [s for name in SPLITS for s in self.splits[name].shards]
+
+
+def read_manifest(root: str | os.PathLike) -> Manifest:
+    """The pack under ``root``, checked: format, version, and each shard's files present with the
+    manifest's sizes (contents are checked by sha256 only when staging, :mod:`staging`)."""
+    root = Path(root)
+    path = root / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardError(f"{path} is missing: {root} is not a pack; make one with "
+                         f"`imagenet-trainer pack IMAGENET_ROOT {root}`") from None
+    except (OSError, ValueError) as err:
+        raise ShardError(f"{path} cannot be read as JSON ({err}); re-run `imagenet-trainer pack`") from err
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ShardError(f"{path} is not an imagenet-trainer pack manifest (format {data.get('format')!r} "
+                         f"if a dict); make one with `imagenet-trainer pack`")
+    if data.get("version") != VERSION:
+        raise ShardError(f"{path} has format version {data.get('version')!r}; this imagenet-trainer reads "
+                         f"version {VERSION}: re-pack with `imagenet-trainer pack`, or install the version that wrote it")
+    try:
+        classes = [str(c) for c in data["classes"]]
+        splits = {}
+        for name in SPLITS:
+            entry = data["splits"][name]
+            shards = [Shard(root / s["tar"], root / s["index"], int(s["images"]), int(s["bytes"]), str(s["sha256"]))
+                      for s in entry["shards"]]
+            splits[name] = ShardSplit(root, name, classes, shards)
+            if len(splits[name]) != int(entry["images"]):
+                raise ShardError(f"{path}: the {name} shards hold {len(splits[name])} images, its "
+                                 f"'images' says {entry['images']}; re-run `imagenet-trainer pack`")
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, ShardError):
+            raise
+        raise ShardError(f"{path} lacks or mangles the field {err}; re-run `imagenet-trainer pack`") from err
+    if not splits["train"].shards:
+        raise ShardError(f"{path} lists no train shards; re-run `imagenet-trainer pack`")
+    manifest = Manifest(root, classes, splits, data)
+    for shard in manifest.shards():
+        check_present(shard)
+    return manifest
+
+
+def check_present(shard: Shard) -> None:
+    """The shard's tar and index exist and the tar has the manifest's size."""
+    for file in (shard.tar, shard.index):
+        if not file.is_file():
+            raise ShardError(f"{file} is missing; the pack under {file.parent} is incomplete: "
+                             f"re-run `imagenet-trainer pack` (it keeps finished shards)")
+    size = shard.tar.stat().st_size
+    if size != shard.bytes:
+        raise ShardError(f"{shard.tar} has {size} bytes, the manifest says {shard.bytes}: the copy is "
+                         f"truncated or replaced; copy it again or re-run `imagenet-trainer pack`")
+
+
+# -- the sample order ----------------------------------------------------------------------------
+def shard_stream(split: ShardSplit, *, epoch: int, seed: int) -> np.ndarray:
+    """Every sample id of ``split`` in epoch ``epoch``'s training order: a seeded permutation of
+    the shards, each shard's images in a seeded order of their own."""
+    rng = np.random.default_rng([seed, epoch])
+    parts = []
+    for s in rng.permutation(len(split.shards)):
+        start, stop = split.starts[s], split.starts[s + 1]
+        inner = np.random.default_rng([seed, epoch, 1, int(s)]).permutation(stop - start)
+        parts.append(start + inner)
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def train_ids(
+    split: ShardSplit,
+    *,
+    epoch: int,
+    seed: int,
+    shard_id: int,
+    num_shards: int,
+    batch_size: int,
+    start_step: int = 0,
+    repeats: int = 1,
+) -> np.ndarray:
+    """Sample ids rank ``shard_id`` feeds in ``epoch``, from batch ``start_step`` on: its
+    contiguous span of :func:`shard_stream`. ``repeats`` > 1 (repeated augmentation): the span's
+    first ``ceil(span / repeats)`` images, each ``repeats`` times in a row (so an image's copies go
+    to the same batch or the next, on this rank)."""
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id={shard_id} is outside [0, num_shards={num_shards})")
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: must be at least 1 (1: no repeated augmentation)")
+    steps = steps_per_epoch(len(split), num_shards, batch_size)
+    span = steps * batch_size
+    mine = shard_stream(split, epoch=epoch, seed=seed)[shard_id * span : (shard_id + 1) * span]
+    if repeats > 1:
+        mine = np.repeat(mine[: -(-span // repeats)], repeats)[:span]
+    return mine[start_step * batch_size :]
+
+
+def val_ids(split: ShardSplit, *, shard_id: int, num_shards: int) -> np.ndarray:
+    """Rank ``shard_id``'s contiguous slice of the split in manifest order (every image once)."""
+    from .sharding import val_indices
+
+    return np.arange(len(split))[val_indices(len(split), shard_id=shard_id, num_shards=num_shards)]
+
+
+# -- reading an order with DALI -----------------------------------------------------------------
+def runs(split: ShardSplit, ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """``ids`` as consecutive runs of one shard: [(shard number, positions in its index)]."""
+    shard, pos = split.locate(np.asarray(ids, dtype=np.int64))
+    if len(shard) == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(shard)) + 1
+    return [(int(s[0]), p) for s, p in zip(np.split(shard, cuts), np.split(pos, cuts))]
+
+
+def write_reader_indices(split: ShardSplit, ids: np.ndarray, folder: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """DALI webdataset ``(paths, index_paths)`` that read exactly ``ids``, in that order.
+
+    DALI's reader reads a shard's samples in the order of its index's lines and accepts the same
+    tar more than once, so one index per run of ``ids`` in one shard (the lines of the shard's own
+    index, reordered and cut) makes ``fn.readers.webdataset(random_shuffle=False)`` read our order,
+    seeking within the tar. Written into ``folder``; a shard's index is read once per call.
+    """
+    folder = Path(folder)
+    paths, indices, lines_of = [], [], {}
+    for n, (shard, positions) in enumerate(runs(split, ids)):
+        if shard not in lines_of:
+            lines_of = {shard: split.index_lines(shard)}  # runs of a shard are mostly adjacent
+        lines = lines_of[shard]
+        index = folder / f"{n:06d}-{split.shards[shard].index.name}"
+        index.write_text(f"{INDEX_VERSION} {len(positions)}\n" + "\n".join(lines[p] for p in positions) + "\n")
+        paths.append(str(split.shards[shard].tar))
+        indices.append(str(index))
+    return paths, indices
+
+
+def index_folder(prefix: str) -> tempfile.TemporaryDirectory:
+    """A private folder for a loader's per-epoch reader indices, removed with the object."""
+    return tempfile.TemporaryDirectory(prefix=f"imagenet-trainer-{prefix}-")
+
+
+def ascii_labels(codes):
+    """Class indices from DALI's ``.cls`` outputs: ASCII decimal digits padded with zeros to a
+    fixed width, ``[N, width]`` uint8 (torch) -> ``[N]`` int64 on the same device."""
+    import torch
+
+    codes = codes.reshape(codes.shape[0], -1).long()
+    digits = (codes >= 48) & (codes <= 57)
+    value = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
+    for column in range(codes.shape[1]):
+        value = torch.where(digits[:, column], value * 10 + codes[:, column] - 48, value)
+    return value
