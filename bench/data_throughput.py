@@ -142,13 +142,13 @@ def torchvision_loader(files, labels, workers, batch, *, uint8: bool):
     import torch
     from torchvision import transforms
 
-    from data_pipelines.torchvision_loader import ImageFiles, train_transform
+    from data_pipelines.torchvision_loader import FileImages, ImageFiles, train_transform
 
     transform = train_transform(224)
     if uint8:
         transform = transforms.Compose([*transform.transforms[:2], transforms.PILToTensor()])
     loader = torch.utils.data.DataLoader(
-        ImageFiles(files, labels, transform), batch_size=batch, shuffle=True, num_workers=workers,
+        ImageFiles(FileImages(files, labels), transform), batch_size=batch, shuffle=True, num_workers=workers,
         drop_last=True, persistent_workers=workers > 0,
     )
     return _images_per_epoch(loader)

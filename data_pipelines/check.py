@@ -198,7 +198,7 @@ def main(root: str | os.PathLike, num_workers: int | None = None) -> int:
 def is_data_error(err: RuntimeError) -> bool:
     """A failure of the reader or a decoder while running (not, say, a build error)."""
     text = str(err)
-    return "fn.readers.file" in text or "fn.decoders." in text
+    return "fn.readers.file" in text or "fn.readers.webdataset" in text or "fn.decoders." in text
 
 
 def _dali_reason(message: str) -> str:

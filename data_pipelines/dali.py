@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from . import IMAGENET_MEAN, IMAGENET_STD, augment, normalize, sharding
 from .buffers import BufferPool
+from . import check, shards
 from .check import bad_file_message, is_data_error
 from .resolution import ResolutionSchedule, train_size
 
@@ -102,17 +104,112 @@ def _normalize(images, *, crop: int, dtype: str, layout: str, mirror=None):
     )
 
 
-def _reader(files, labels, use_mmap: bool):
-    return fn.readers.file(
-        files=list(files),
-        labels=list(labels),
-        random_shuffle=False,  # the order is sharding.py's
-        num_shards=1,
-        shard_id=0,
-        pad_last_batch=True,
-        dont_use_mmap=not use_mmap,
-        name="Reader",
-    )
+class FileSource:
+    """Images as files (an ImageNet folder tree), read by DALI's file reader in
+    :mod:`sharding`'s order. Sample id: the position in ``files``."""
+
+    def __init__(self, files: Sequence[str], labels: Sequence[int]) -> None:
+        if len(files) != len(labels):
+            raise ValueError(f"{len(files)} files but {len(labels)} labels")
+        self.files = [str(f) for f in files]
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def train_ids(self, **order) -> np.ndarray:
+        return sharding.train_indices(len(self), **order)
+
+    def val_ids(self, *, shard_id: int, num_shards: int) -> np.ndarray:
+        return np.arange(len(self))[sharding.val_indices(len(self), shard_id=shard_id, num_shards=num_shards)]
+
+    def reading(self, ids: np.ndarray):
+        """A function that, called inside a pipeline definition, returns the reader's
+        ``(encoded images, labels)`` nodes, reading ``ids`` in that order."""
+        files, labels = [self.files[i] for i in ids], self.labels[ids].tolist()
+
+        def read(use_mmap: bool):
+            return fn.readers.file(
+                files=files,
+                labels=labels,
+                random_shuffle=False,  # the order is sharding.py's
+                num_shards=1,
+                shard_id=0,
+                pad_last_batch=True,
+                dont_use_mmap=not use_mmap,
+                name="Reader",
+            )
+
+        return read
+
+    @staticmethod
+    def to_labels(labels: torch.Tensor) -> torch.Tensor:
+        return labels
+
+    def error(self, message: str, in_flight: np.ndarray) -> str:
+        return bad_file_message(message, [self.files[i] for i in in_flight], self.files)
+
+
+class ShardSource:
+    """A pack's split (:mod:`data_pipelines.shards`), read by DALI's webdataset reader in
+    :mod:`shards`'s order: each pipeline gets index files that list exactly its samples, in order
+    (:func:`shards.write_reader_indices`), written into a private folder removed with the source."""
+
+    LABEL_WIDTH = 8  # the ``.cls`` digits, padded: class indices up to 10**8 - 1
+
+    def __init__(self, split: shards.ShardSplit) -> None:
+        self.split = split
+        self._folder = shards.index_folder(split.name)
+        self._builds = 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def train_ids(self, **order) -> np.ndarray:
+        return shards.train_ids(self.split, **order)
+
+    def val_ids(self, *, shard_id: int, num_shards: int) -> np.ndarray:
+        return shards.val_ids(self.split, shard_id=shard_id, num_shards=num_shards)
+
+    def reading(self, ids: np.ndarray):
+        """As :meth:`FileSource.reading`. The labels node is the ``.cls`` text padded with zeros
+        to ``LABEL_WIDTH`` bytes (:meth:`to_labels` parses it): DALI reads components as bytes."""
+        folder = Path(self._folder.name)
+        for old in folder.iterdir():  # the previous pipeline's indices (read when it was built)
+            old.unlink()
+        self._builds += 1
+        paths, index_paths = shards.write_reader_indices(self.split, ids, folder)
+
+        def read(use_mmap: bool):
+            jpegs, cls = fn.readers.webdataset(
+                paths=paths,
+                index_paths=index_paths,
+                ext=["jpg", "cls"],
+                missing_component_behavior="error",
+                random_shuffle=False,  # the order is shards.py's, in the indices
+                num_shards=1,
+                shard_id=0,
+                pad_last_batch=True,
+                dont_use_mmap=not use_mmap,
+                name="Reader",
+            )
+            return jpegs, fn.pad(cls, fill_value=0, shape=[self.LABEL_WIDTH], axes=[0])
+
+        return read
+
+    @staticmethod
+    def to_labels(labels: torch.Tensor) -> torch.Tensor:
+        return shards.ascii_labels(labels)
+
+    def error(self, message: str, in_flight: np.ndarray) -> str:
+        shard, position = self.split.locate(np.asarray(in_flight, dtype=np.int64))
+        named = sorted({str(self.split.shards[s].tar) for s in shard.tolist()})
+        return (
+            f"DALI could not read or decode an image of the shard(s) {', '.join(named)}: "
+            f"{check._dali_reason(message)}. `imagenet-trainer pack` decodes every image before packing, so "
+            f"the shard is damaged or was not written by it: check it against manifest.json's sha256 "
+            f"(data.stage_to copies are checked at every job start), or re-run `imagenet-trainer pack`."
+        )
 
 
 def _mixed_decoder_hints(hw_decoder_load: float) -> dict[str, Any]:
@@ -190,8 +287,7 @@ def _auto_augment(images, name: str, shape):
 
 @pipeline_def(enable_conditionals=False)
 def train_pipeline(
-    files: Sequence[str],
-    labels: Sequence[int],
+    read,
     *,
     crop: int = 224,
     device: str = "gpu",
@@ -201,7 +297,8 @@ def train_pipeline(
     use_mmap: bool = True,
     auto_augment: str = "none",
 ):
-    """Read ``files`` in order; random-resized crop (area [0.08, 1], aspect [3/4, 4/3]) decoded
+    """Read the samples ``read`` names, in order (``read(use_mmap)`` makes the reader's
+    ``(encoded, labels)`` nodes: :meth:`FileSource.reading`, :meth:`ShardSource.reading`); random-resized crop (area [0.08, 1], aspect [3/4, 4/3]) decoded
     as a region of interest, resized to ``crop`` x ``crop``, random flip; ``auto_augment``
     (not "none"): DALI's TrivialAugmentWide or RandAugment on the uint8 crop, on the pipeline's
     device (call with ``enable_conditionals=True`` then).
@@ -218,7 +315,7 @@ def train_pipeline(
     Pipeline arguments (``batch_size``, ``num_threads``, ``device_id``, ``seed``,
     ``prefetch_queue_depth``) are given at call time, as for any ``@pipeline_def``.
     """
-    jpegs, labels_out = _reader(files, labels, use_mmap)
+    jpegs, labels_out = read(use_mmap)
     gpu = device == "gpu"
     images = fn.decoders.image_random_crop(
         jpegs,
@@ -250,8 +347,7 @@ def train_pipeline(
 
 @pipeline_def(enable_conditionals=False)
 def val_pipeline(
-    files: Sequence[str],
-    labels: Sequence[int],
+    read,
     *,
     image_size: int = 224,
     val_resize: int = 256,
@@ -261,10 +357,10 @@ def val_pipeline(
     hw_decoder_load: float = 0.65,
     use_mmap: bool = True,
 ):
-    """Read ``files`` in order; shorter side to ``val_resize``, centre crop ``image_size``
+    """Read the samples ``read`` names, in order (as :func:`train_pipeline`); shorter side to ``val_resize``, centre crop ``image_size``
     (torchvision's Resize + CenterCrop), CHW: normalised in ``dtype`` on the GPU (HWC with
     ``channels_last``, as in :func:`train_pipeline`), uint8 on the CPU (normalised by the consumer)."""
-    jpegs, labels_out = _reader(files, labels, use_mmap)
+    jpegs, labels_out = read(use_mmap)
     gpu = device == "gpu"
     images = fn.decoders.image(
         jpegs,
@@ -395,8 +491,8 @@ class DALILoader:
 
     def __init__(
         self,
-        files: Sequence[str],
-        labels: Sequence[int],
+        files: Sequence[str] | shards.ShardSplit,
+        labels: Sequence[int] | None = None,
         *,
         train: bool,
         batch_size: int,
@@ -407,16 +503,16 @@ class DALILoader:
         repeats: int = 1,
     ) -> None:
         require_dali()
-        if len(files) != len(labels):
-            raise ValueError(f"{len(files)} files but {len(labels)} labels")
+        if isinstance(files, shards.ShardSplit):
+            self.source: FileSource | ShardSource = ShardSource(files)
+        else:
+            self.source = FileSource(files, [] if labels is None else labels)
         if options.device == "gpu" and not torch.cuda.is_available():
             raise RuntimeError("device='gpu' but CUDA is not available here: use device='cpu'")
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id={shard_id} is outside [0, num_shards={num_shards})")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be at least 1")
-        self.files = [str(f) for f in files]
-        self.labels = np.asarray(labels, dtype=np.int64)
         self.train = train
         self.batch_size = batch_size
         self.shard_id = shard_id
@@ -436,13 +532,13 @@ class DALILoader:
         self.sampler = sharding.EpochSetter(self)
         self.batch_sampler = None  # read beside ``sampler`` by Lightning's shuffle check
         if train:  # fail now, not at the first batch, when a rank would get no full batch
-            sharding.steps_per_epoch(len(self.files), num_shards, batch_size)
+            sharding.steps_per_epoch(len(self.source), num_shards, batch_size)
 
     # -- position ---------------------------------------------------------------------------
     def __len__(self) -> int:
         if self.train:
-            return sharding.steps_per_epoch(len(self.files), self.num_shards, self.batch_size)
-        n = len(sharding.val_indices(len(self.files), shard_id=self.shard_id, num_shards=self.num_shards))
+            return sharding.steps_per_epoch(len(self.source), self.num_shards, self.batch_size)
+        n = len(sharding.val_indices(len(self.source), shard_id=self.shard_id, num_shards=self.num_shards))
         return math.ceil(n / self.batch_size)
 
     @property
@@ -469,11 +565,9 @@ class DALILoader:
         return self._batches()
 
     def _indices(self) -> tuple[np.ndarray, int]:
-        n = len(self.files)
         if not self.train:
-            return np.arange(n)[sharding.val_indices(n, shard_id=self.shard_id, num_shards=self.num_shards)], 0
-        idx = sharding.train_indices(
-            n,
+            return self.source.val_ids(shard_id=self.shard_id, num_shards=self.num_shards), 0
+        idx = self.source.train_ids(
             epoch=self._epoch,
             seed=self.seed,
             shard_id=self.shard_id,
@@ -484,14 +578,14 @@ class DALILoader:
         )
         return idx, self._step
 
-    def _build(self, files: list[str], labels: list[int], start_step: int):
-        pipe = self.pipeline(files, labels, start_step)
+    def _build(self, ids: np.ndarray, start_step: int):
+        pipe = self.pipeline(ids, start_step)
         pipe.build()
         return pipe
 
-    def pipeline(self, files: list[str], labels: list[int], start_step: int = 0):
-        """The DALI pipeline this loader runs over ``files`` from ``start_step``, not built yet
-        (building a GPU pipeline needs CUDA; defining its graph does not)."""
+    def pipeline(self, ids: np.ndarray, start_step: int = 0):
+        """The DALI pipeline this loader runs over the sample ids ``ids`` (in that order) from
+        ``start_step``, not built yet (building a GPU pipeline needs CUDA; defining its graph does not)."""
         common = dict(
             batch_size=self.batch_size,
             num_threads=self.options.num_threads,
@@ -504,12 +598,13 @@ class DALILoader:
             hw_decoder_load=self.options.hw_decoder_load,
             use_mmap=self.options.use_mmap,
         )
+        read = self.source.reading(np.asarray(ids, dtype=np.int64))
         if self.train:
             auto = self.options.auto_augment
-            pipe = train_pipeline(files, labels, crop=self.options.train_size(self._epoch), auto_augment=auto,
+            pipe = train_pipeline(read, crop=self.options.train_size(self._epoch), auto_augment=auto,
                                   enable_conditionals=auto != "none", **common)
         else:
-            pipe = val_pipeline(files, labels, image_size=self.options.val_image_size,
+            pipe = val_pipeline(read, image_size=self.options.val_image_size,
                                 val_resize=self.options.val_resize, **common)
         return pipe
 
@@ -518,13 +613,12 @@ class DALILoader:
         idx, start = self._indices()
         if len(idx) == 0:  # a validation rank without images
             return
-        files = [self.files[i] for i in idx]
         steps, step = len(self), start
         size = self.options.train_size(self._epoch)
         erasing = self.options.random_erasing if self.train else 0.0
         if erasing:  # its own stream, seeded like the pipeline's
             rng = np.random.default_rng([self.seed, self._epoch, self.shard_id, start, 1])
-        pipe = self._pipe = self._build(files, self.labels[idx].tolist(), start)
+        pipe = self._pipe = self._build(idx, start)
         outputs = None
         try:
             while step < steps:
@@ -540,8 +634,8 @@ class DALILoader:
                     # DALI was asked for batch ``step``; its reader may have failed a batch ahead of
                     # it and its decoder up to ``prefetch`` batches ahead.
                     first = (step - start) * self.batch_size
-                    in_flight = files[first : first + (self.options.prefetch + 2) * self.batch_size]
-                    raise RuntimeError(bad_file_message(str(err), in_flight, self.files)) from err
+                    in_flight = idx[first : first + (self.options.prefetch + 2) * self.batch_size]
+                    raise RuntimeError(self.source.error(str(err), in_flight)) from err
                 step += 1
                 if self.train:  # the position moves when a batch is handed out
                     self._epoch, self._step = (self._epoch + 1, 0) if step == steps else (self._epoch, step)
@@ -582,7 +676,7 @@ class DALILoader:
                     [torch.from_dlpack(crops[i]) for i in range(len(crops))], flags, size=size,
                     num_threads=self.options.num_threads, out=self._buffers.take((len(crops), 3, size, size), torch.uint8),
                 )
-                yield images, torch.from_numpy(np.asarray(labels.as_tensor()).copy())
+                yield images, self.source.to_labels(torch.from_numpy(np.asarray(labels.as_tensor()).copy()))
         # Its constructor already runs the pipeline.
         batches = self._iter = DALIGenericIterator(
             [pipe],
@@ -592,7 +686,7 @@ class DALILoader:
             last_batch_policy=LastBatchPolicy.PARTIAL,  # train lists are whole batches
         )
         for out in batches:
-            yield out[0]["images"], out[0]["labels"]
+            yield out[0]["images"], self.source.to_labels(out[0]["labels"])
 
     def _release(self, pipe) -> None:
         if self._pipe is pipe:

@@ -5,6 +5,10 @@
 or ``auto``: dali_gpu when training on a GPU with DALI installed, dali_cpu when DALI is installed
 but there is no GPU, torchvision when DALI cannot be imported.
 
+``root`` is an ImageNet folder tree, or a pack of tar shards (``imagenet-trainer pack``: a folder
+with a ``manifest.json``, :mod:`data_pipelines.shards`), which every backend reads without listing
+anything; ``stage_to`` copies a pack to node-local disk first (:mod:`data_pipelines.staging`).
+
 The training position survives a resume, the same way for every backend: this module's
 ``state_dict`` (epoch, batches trained) goes into each checkpoint and, on resume, positions the
 training loader, so a resumed epoch feeds exactly the images that the interrupted one had not
@@ -23,7 +27,7 @@ from functools import cached_property
 import pytorch_lightning as pl
 import torch
 
-from data_pipelines import augment, layout
+from data_pipelines import augment, layout, shards
 from data_pipelines.resolution import ResolutionSchedule
 from data_pipelines.sharding import steps_per_epoch
 
@@ -84,6 +88,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         num_workers: int,
         seed: int,
         filelist_cache: bool = True,
+        stage_to: str | None = None,
         synthetic_size: int = 1281167,
         num_classes: int | None = None,
         gpu_dtype: str = "float32",
@@ -111,6 +116,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.filelist_cache = filelist_cache
+        self.stage_to = stage_to
         self.synthetic_size = synthetic_size
         self._num_classes = num_classes
         # What dali_gpu emits: the dtype the model computes in (bf16/fp16 under mixed precision),
@@ -122,14 +128,30 @@ class ImageNetDataModule(pl.LightningDataModule):
         self._resume: dict | None = None  # data position restored from a checkpoint
         if self.backend != "synthetic" and not root:
             raise ValueError("data.root is not set: pass data.root=/path/to/imagenet")
+        self.sharded = self.backend != "synthetic" and shards.is_sharded(root)
+        if stage_to and not self.sharded and self.backend != "synthetic":
+            raise layout.DataLayoutError(
+                f"data.stage_to={stage_to} copies a pack of tar shards to node-local disk, but data.root={root} "
+                f"has no manifest.json: make a pack with `imagenet-trainer pack {root} PACK_DIR` and pass "
+                f"data.root=PACK_DIR, or unset data.stage_to"
+            )
 
     # --- the tree: scanned once, lazily ---------------------------------------------------
 
     @cached_property
-    def splits(self) -> tuple[layout.Split, layout.Split]:
-        """(train, val), listed once per job: the job's first process lists each split into the
+    def splits(self) -> tuple[layout.Split | shards.ShardSplit, layout.Split | shards.ShardSplit]:
+        """(train, val). A pack: its manifest's shards (staged to ``stage_to`` first, when set).
+        A tree: listed once per job: the job's first process lists each split into the
         file-list cache and the others read it (data_pipelines/filelist.py). With
         ``filelist_cache=False`` every process scans the tree itself."""
+        if self.sharded:
+            root = self.root
+            if self.stage_to:
+                from data_pipelines.staging import staged_root
+
+                root = staged_root(self.root, self.stage_to)
+            manifest = shards.read_manifest(root)
+            return manifest.train, manifest.val
         if self.filelist_cache:
             from data_pipelines.filelist import cached_split, launch_position
 
@@ -207,7 +229,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             from data_pipelines.torchvision_loader import build_train_loader
 
             return build_train_loader(
-                split.files, split.labels, batch_size=self.batch_size, image_size=self.image_size,
+                *_files_labels(split), batch_size=self.batch_size, image_size=self.image_size,
                 num_workers=self.num_workers, seed=self.seed, shard_id=rank, num_shards=world,
                 resume=self._resume_position(), resolution=self.resolution, auto_augment=self.auto_augment,
                 random_erasing=self.random_erasing, repeats=self.repeated_augment,
@@ -226,7 +248,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             from data_pipelines.torchvision_loader import build_val_loader
 
             return build_val_loader(
-                split.files, split.labels, batch_size=self.batch_size, image_size=self.val_image_size,
+                *_files_labels(split), batch_size=self.batch_size, image_size=self.val_image_size,
                 val_resize=self.val_resize, num_workers=self.num_workers, shard_id=rank, num_shards=world,
             )
         return self._dali(split, train=False, rank=rank, world=world)
@@ -241,7 +263,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             dtype=getattr(torch, self.gpu_dtype) if self.on_gpu else torch.float32, channels_last=self.channels_last,
         )
 
-    def _dali(self, split: layout.Split, *, train: bool, rank: int, world: int):
+    def _dali(self, split: layout.Split | shards.ShardSplit, *, train: bool, rank: int, world: int):
         from data_pipelines.dali import DALILoader, PipelineOptions
 
         on_gpu = self.backend == "dali_gpu"
@@ -257,5 +279,10 @@ class ImageNetDataModule(pl.LightningDataModule):
             channels_last=self.channels_last, val_image_size=self.val_image_size, resolution=self.resolution,
             auto_augment=self.auto_augment, random_erasing=self.random_erasing,
         )
-        return DALILoader(split.files, split.labels, train=train, batch_size=self.batch_size, shard_id=rank,
+        return DALILoader(*_files_labels(split), train=train, batch_size=self.batch_size, shard_id=rank,
                           num_shards=world, seed=self.seed, options=options, repeats=self.repeated_augment)
+
+
+def _files_labels(split: layout.Split | shards.ShardSplit) -> tuple:
+    """What the loaders take: a tree's ``(files, labels)``, or a pack's split (labels in its shards)."""
+    return (split, None) if isinstance(split, shards.ShardSplit) else (split.files, split.labels)

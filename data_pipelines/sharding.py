@@ -102,8 +102,12 @@ class EpochSampler:
         batch_size: int,
         resume: tuple[int, int] | None = None,
         repeats: int = 1,
+        order=None,
     ) -> None:
         self.num_images = num_images
+        # ``order(**kwargs of train_indices but num_images)``: another order of the same contract
+        # (a pack's, ``shards.train_ids``); default :func:`train_indices` over ``num_images``.
+        self.order = order
         self.repeats = repeats
         self.seed = seed
         self.shard_id = shard_id
@@ -119,8 +123,8 @@ class EpochSampler:
         self.start_step = self.resume[1] if self.resume and self.resume[0] == epoch else 0
 
     def indices(self) -> np.ndarray:
-        return train_indices(
-            self.num_images,
+        order = self.order or (lambda **kw: train_indices(self.num_images, **kw))
+        return order(
             epoch=self.epoch,
             seed=self.seed,
             shard_id=self.shard_id,

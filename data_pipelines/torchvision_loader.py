@@ -1,36 +1,91 @@
 """The torchvision backend: Pillow decoding in DataLoader workers.
 
 The fallback where DALI is not installed, and the reference the DALI pipelines are checked
-against. The sample order comes from ``sharding`` like every other backend's. Training transforms
-are ``torchvision.transforms.v2`` (as torchvision's reference recipes use them).
+against. The sample order comes from ``sharding`` (folders) or ``shards`` (a pack) like every
+other backend's. Training transforms are ``torchvision.transforms.v2`` (as torchvision's
+reference recipes use them).
+
+A pack's images are read straight from their tar at the offsets in the shard's index (DALI's
+index, :mod:`data_pipelines.shards`): one ``pread`` per image, no tar library, no listing.
 """
 from __future__ import annotations
 
 import functools
+import io
+import os
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.transforms import v2
 
-from data_pipelines import IMAGENET_MEAN, IMAGENET_STD, augment
+from data_pipelines import IMAGENET_MEAN, IMAGENET_STD, augment, shards
 from data_pipelines.resolution import ResolutionSchedule, train_size
 from data_pipelines.sharding import EpochSampler, val_indices
 
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode ``path`` to RGB, applying its EXIF orientation as DALI's decoder does."""
+def load_rgb(path, name: str | None = None, hint: str = "Run `imagenet-trainer check-data ROOT` to list every bad file") -> Image.Image:
+    """Decode ``path`` (a file name or a binary file object, then called ``name``) to RGB,
+    applying its EXIF orientation as DALI's decoder does."""
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
             return img.convert("RGB")
     except Exception as err:  # noqa: BLE001 - any decoder failure is reported with the file
-        raise RuntimeError(
-            f"cannot decode image {path}: {err}. Run `imagenet-trainer check-data ROOT` to list every bad file"
-        ) from err
+        raise RuntimeError(f"cannot decode image {name or path}: {err}. {hint}") from err
+
+
+class FileImages:
+    """Images as files: ``load(i)`` -> (RGB image, label)."""
+
+    def __init__(self, files: Sequence[str], labels: Sequence[int]) -> None:
+        self.files, self.labels = files, labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        return load_rgb(self.files[index]), int(self.labels[index])
+
+
+class ShardImages:
+    """A pack's split: ``load(id)`` reads the image and its ``.cls`` at the offsets of the shard's
+    index. Each worker process parses an index the first time it reads from that shard (a
+    shard's index, not the split's: start-up reads none) and keeps its tars open."""
+
+    def __init__(self, split: shards.ShardSplit) -> None:
+        self.split = split
+        self._offsets: dict[int, np.ndarray] = {}
+        self._files: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getstate__(self):  # to a worker process: without open files
+        return {"split": self.split, "_offsets": {}, "_files": {}}
+
+    def _entry(self, shard: int, position: int) -> np.ndarray:
+        if shard not in self._offsets:
+            # "jpg OFFSET SIZE KEY.jpg cls OFFSET SIZE KEY.cls" -> [[jpg off, size, cls off, size]]
+            rows = [line.split() for line in self.split.index_lines(shard)]
+            self._offsets[shard] = np.array([[int(r[1]), int(r[2]), int(r[5]), int(r[6])] for r in rows], np.int64)
+        return self._offsets[shard][position]
+
+    def load(self, sample: int) -> tuple[Image.Image, int]:
+        shard, position = (int(v[0]) for v in self.split.locate(np.array([sample])))
+        jpg_offset, jpg_size, cls_offset, cls_size = self._entry(shard, position).tolist()
+        if shard not in self._files:
+            self._files[shard] = open(self.split.shards[shard].tar, "rb")  # noqa: SIM115 - kept open
+        fd = self._files[shard].fileno()
+        name = f"{self.split.shards[shard].tar} (image {position} of its index)"
+        label = os.pread(fd, cls_size, cls_offset)
+        image = load_rgb(io.BytesIO(os.pread(fd, jpg_size, jpg_offset)), name=name,
+                         hint="The shard is damaged or was not written by `imagenet-trainer pack`: re-run it")
+        return image, int(label)
 
 
 def train_transform(image_size: int, auto_augment: str = "none", random_erasing: float = 0.0) -> v2.Compose:
@@ -65,18 +120,23 @@ def val_transform(image_size: int, val_resize: int) -> transforms.Compose:
 
 
 class ImageFiles(Dataset):
-    """(image tensor, label) for a list of files."""
+    """(image tensor, label) for the images of ``images`` (:class:`FileImages`, :class:`ShardImages`)
+    at ``ids`` (all, in order, when ``None``)."""
 
-    def __init__(self, files: Sequence[str], labels: Sequence[int], transform) -> None:
-        self.files = files
-        self.labels = labels
+    def __init__(self, images: FileImages | ShardImages, transform, ids: Sequence[int] | None = None) -> None:
+        self.images = images
+        self.ids = ids
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.images) if self.ids is None else len(self.ids)
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        return self.images.load(index if self.ids is None else int(self.ids[index]))
 
     def __getitem__(self, index: int):
-        return self.transform(load_rgb(self.files[index])), torch.tensor(self.labels[index], dtype=torch.int64)
+        image, label = self._load(index)
+        return self.transform(image), torch.tensor(label, dtype=torch.int64)
 
 
 class TrainImages(ImageFiles):
@@ -85,8 +145,8 @@ class TrainImages(ImageFiles):
     hold copies of the dataset made when they started, which a change in the main process would
     not reach. ``make_transform(size)`` builds the transform for a size (kept per size)."""
 
-    def __init__(self, files: Sequence[str], labels: Sequence[int], make_transform: Callable[[int], Callable]) -> None:
-        super().__init__(files, labels, transform=None)
+    def __init__(self, images: FileImages | ShardImages, make_transform: Callable[[int], Callable]) -> None:
+        super().__init__(images, transform=None)
         self.make_transform = make_transform
         self._transforms: dict[int, Callable] = {}
 
@@ -94,7 +154,8 @@ class TrainImages(ImageFiles):
         index, size = item
         if size not in self._transforms:
             self._transforms[size] = self.make_transform(size)
-        return self._transforms[size](load_rgb(self.files[index])), torch.tensor(self.labels[index], dtype=torch.int64)
+        image, label = self._load(index)
+        return self._transforms[size](image), torch.tensor(label, dtype=torch.int64)
 
 
 class SizedSampler:
@@ -120,9 +181,13 @@ class SizedSampler:
         return len(self.sampler)
 
 
+def _images(files, labels) -> FileImages | ShardImages:
+    return ShardImages(files) if isinstance(files, shards.ShardSplit) else FileImages(files, labels)
+
+
 def build_train_loader(
-    files: Sequence[str],
-    labels: Sequence[int],
+    files: Sequence[str] | shards.ShardSplit,
+    labels: Sequence[int] | None,
     *,
     batch_size: int,
     image_size: int,
@@ -138,12 +203,14 @@ def build_train_loader(
 ) -> DataLoader:
     """Training batches of rank ``shard_id``; ``resume`` = (epoch, batches of it already fed).
     ``resolution``: the crop size per epoch (else ``image_size``); ``repeats``: repeated
-    augmentation (``sharding.train_indices``)."""
+    augmentation (``sharding.train_indices``). ``files``: a pack's split instead (``labels``
+    unused), read in :mod:`shards`'s order."""
+    order = functools.partial(shards.train_ids, files) if isinstance(files, shards.ShardSplit) else None
     sampler = EpochSampler(len(files), seed=seed, shard_id=shard_id, num_shards=num_shards,
-                           batch_size=batch_size, resume=resume, repeats=repeats)
+                           batch_size=batch_size, resume=resume, repeats=repeats, order=order)
     make_transform = functools.partial(train_transform, auto_augment=auto_augment, random_erasing=random_erasing)
     return DataLoader(
-        TrainImages(files, labels, make_transform),
+        TrainImages(_images(files, labels), make_transform),
         batch_size=batch_size,
         sampler=SizedSampler(sampler, functools.partial(train_size, image_size=image_size, schedule=resolution)),
         num_workers=num_workers,
@@ -154,8 +221,8 @@ def build_train_loader(
 
 
 def build_val_loader(
-    files: Sequence[str],
-    labels: Sequence[int],
+    files: Sequence[str] | shards.ShardSplit,
+    labels: Sequence[int] | None,
     *,
     batch_size: int,
     image_size: int,
@@ -165,7 +232,7 @@ def build_val_loader(
     num_shards: int,
 ) -> DataLoader:
     mine = val_indices(len(files), shard_id=shard_id, num_shards=num_shards)
-    dataset = ImageFiles([files[i] for i in mine], [labels[i] for i in mine], val_transform(image_size, val_resize))
+    dataset = ImageFiles(_images(files, labels), val_transform(image_size, val_resize), ids=mine)
     return DataLoader(
         dataset,
         batch_size=batch_size,

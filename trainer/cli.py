@@ -265,6 +265,37 @@ def _run_check_data(args: argparse.Namespace) -> int:
     return check_main(args.root, args.workers)
 
 
+def _add_pack(sub) -> None:
+    p = sub.add_parser("pack", help="convert an ImageNet folder tree into tar shards (WebDataset, DALI indices)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Decode-check every image under ROOT/train and ROOT/val (as check-data does), "
+                                   "then write\nOUT/train-NNNNNN.tar, OUT/val-NNNNNN.tar with their DALI indices "
+                                   "(.idx) and OUT/manifest.json\n(data_pipelines/shards.py defines the format). "
+                                   "Train images go in a seeded random order, val\nimages in listing order.",
+                       epilog="Exit 1 when some image does not decode (each listed; nothing written), 2 on a bad "
+                              "argument or layout.\nKilled? Run it again with the same arguments: finished shards "
+                              "are verified and kept.\n\nExample:\n  imagenet-trainer pack /datasets/imagenet "
+                              "/datasets/imagenet-shards --shard-size 1GB")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--shard-size", default="512MB",
+                   help="most bytes of tar per shard (a shard holds at least one image): 512MB, 1GB, 64KB, "
+                        "1MiB or bytes (default 512MB)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that decode and write (default: CPU cores available)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out the images that do not decode (listed in the manifest) instead of stopping")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train images' order (default 0)")
+
+
+def _run_pack(args: argparse.Namespace) -> int:
+    """Pack the tree; 0 when done, 1 when some image is bad, 2 on a bad argument or layout."""
+    from data_pipelines.pack import main as pack_main
+
+    return pack_main(args.root, args.out, shard_size=args.shard_size, workers=args.workers,
+                     skip_bad=args.skip_bad, seed=args.seed)
+
+
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint as a torchvision state_dict, safetensors or ONNX",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -365,6 +396,7 @@ VERBS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "sample-data": (_add_sample_data, _run_sample_data),
     "submit": (_add_submit, _run_submit),
     "check-data": (_add_check_data, _run_check_data),
+    "pack": (_add_pack, _run_pack),
     "export": (_add_export, _run_export),
     "predict": (_add_predict, _run_predict),
     "plot": (_add_plot, _run_plot),

@@ -38,7 +38,7 @@ class ProgressiveConfig:
 
 @dataclass
 class DataConfig:
-    root: str = MISSING  # ImageNet-layout tree: ROOT/train/<wnid>/*.JPEG, ROOT/val/<wnid>/*.JPEG
+    root: str = MISSING  # ImageNet-layout tree (ROOT/train/<wnid>/*.JPEG, ROOT/val/...) or a pack (ROOT/manifest.json)
     backend: str = "auto"  # one of BACKENDS; auto = dali_gpu > dali_cpu > torchvision
     batch_size: int = 256  # per device
     image_size: int = 224  # training crop (unless data.progressive), and validation's unless val_image_size
@@ -48,6 +48,9 @@ class DataConfig:
     num_workers: int = 8  # DataLoader workers, or DALI threads, per device
     filelist_cache: bool = True  # reuse the tree's file list between runs (large trees)
     synthetic_size: int = 1281167  # images per epoch for backend=synthetic (timing the model)
+    # A pack's shards copied to this node-local folder (e.g. $TMPDIR) at job start, once per node,
+    # verified by sha256, and read from there (data_pipelines/staging.py); None: read data.root.
+    stage_to: Optional[str] = None
 
 
 @dataclass

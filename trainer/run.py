@@ -73,6 +73,7 @@ def build_datamodule(cfg: DictConfig) -> ImageNetDataModule:
         num_workers=d.num_workers,
         seed=cfg.seed,
         filelist_cache=d.filelist_cache,
+        stage_to=d.stage_to,
         synthetic_size=d.synthetic_size,
         num_classes=cfg.model.num_classes,
         gpu_dtype=input_dtype(cfg.trainer.precision),

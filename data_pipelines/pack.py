@@ -1,0 +1,578 @@
+"""``imagenet-trainer pack ROOT OUT``: an ImageNet-layout folder tree into tar shards.
+
+The format (WebDataset tars with DALI ``v1.2`` indices and a ``manifest.json``) is defined in
+:mod:`data_pipelines.shards`; this module writes it:
+
+1. **Check.** ``ROOT/train`` and ``ROOT/val`` are scanned as :mod:`layout` scans them (class order,
+   labels), every file's key is made (a collision is an error naming both files) and every file is
+   decoded as ``check-data`` decodes it (:func:`check.check_files`, Pillow and nvImageCodec, in
+   ``workers`` processes). A bad file stops the pack before anything is written in ``OUT`` (exit
+   1), unless ``skip_bad``: then it is left out and listed in the manifest's ``skipped``.
+2. **Plan.** The train images in a seeded random order (``np.random.default_rng(seed)
+   .permutation``: every shard mixes the classes), the val images in listing order, cut into
+   shards of at most ``shard_size`` bytes of tar (headers, padded data, the end-of-archive blocks;
+   at least one image a shard). The tars are deterministic (GNU format, mtime 0, uid/gid 0, mode
+   0644, no owner names, the end padded to tar's 10240-byte record as tar and ``tarfile`` do), so
+   a shard's bytes, size and index follow from the plan: its files, their sizes and labels, in
+   order. The same tree, seed and shard size give byte-identical shards.
+3. **Write.** Each shard is written by one worker process: the tar and its index to temporary
+   names in ``OUT``, fsync'ed, renamed into place; then a record of the shard,
+   ``OUT/.pack/<split>-NNNNNN.json`` (the plan's digest: every source file's absolute path, size,
+   mtime and label, in order; the tar's bytes and sha256; the index's sha256), written atomically.
+   ``manifest.json`` is removed before the first shard is touched and written last, atomically.
+
+**Resume.** A pack that was killed, run again with the same arguments, recomputes the same plan
+and keeps every shard whose record has the plan's digest and whose tar and index re-hash to the
+recorded sha256 at the recorded size (the check runs in the workers, reading each kept tar once);
+every other shard is written again, shards beyond the plan (an earlier pack had more) and stale
+temporary files are removed, then the manifest is written. A pack of other arguments or of a
+changed tree in the same ``OUT`` is the same case: the records that no longer match are rewritten.
+``OUT/.pack/lock`` (``flock``) keeps two packs out of one ``OUT``; worker processes die with the
+pack that started them (``PR_SET_PDEATHSIG``), so a killed pack leaves no writer behind.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import check, layout
+from .shards import FORMAT, INDEX_VERSION, MANIFEST, SPLITS, VERSION
+
+DEFAULT_SHARD_SIZE = "512MB"
+STATE = ".pack"  # OUT/.pack/: a record per finished shard, and the lock
+# Changes whenever the bytes written for a plan change, so that records of an older writer do not match.
+WRITER = "imagenet-trainer pack 1: GNU tar, mtime 0, uid/gid 0, mode 0644, record-padded"
+# Test hook: seconds to sleep after each written shard, so that a test can kill a pack mid-way.
+DELAY_ENV = "IMAGENET_TRAINER_PACK_TEST_DELAY"
+
+BLOCK = tarfile.BLOCKSIZE  # 512
+RECORD = tarfile.RECORDSIZE  # 10240
+TAR_FORMAT = tarfile.GNU_FORMAT
+ENCODING, ERRORS = "utf-8", "surrogateescape"
+
+
+class PackError(layout.DataLayoutError):
+    """A pack cannot be made as asked (arguments, OUT, file names); the message says what to fix."""
+
+
+# -- arguments -----------------------------------------------------------------------------------
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.I)
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes of ``512MB``, ``1GB``, ``64KB``, ``1MiB``, ``1.5GB`` or a plain number of bytes (KB,
+    MB, GB: powers of 1000; KiB, MiB, GiB: of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        unit = match.group(2).lower() if match else None
+        if not match or unit not in _UNITS:
+            raise PackError(f"--shard-size={value!r} is not a size: give bytes or a number with a unit, "
+                            f"e.g. 512MB, 1GB, 64KB, 1MiB")
+        size = int(float(match.group(1)) * _UNITS[unit])
+    if size < 1:
+        raise PackError(f"--shard-size={value!r} must be at least 1 byte (e.g. 512MB)")
+    return size
+
+
+def sample_key(path: str | os.PathLike) -> str:
+    """The WebDataset key of an image file: ``<class folder>/<file stem>``, with the stem's dots
+    and whitespace made ``_`` (a key ends at its first dot, an index line is split at whitespace),
+    and whitespace in the folder name too."""
+    path = Path(path)
+    return re.sub(r"\s", "_", path.parent.name) + "/" + re.sub(r"[\s.]", "_", path.stem)
+
+
+def _check_out(root: Path, out: Path) -> None:
+    root_r, out_r = root.resolve(), out.resolve()
+    for split in SPLITS:
+        inside = root_r / split
+        if out_r == inside or inside in out_r.parents:
+            raise PackError(f"OUT={out} is inside {root / split}: the shards would be scanned as images "
+                            f"of the tree; give a folder outside ROOT/train and ROOT/val")
+    if out.exists() and not out.is_dir():
+        raise PackError(f"OUT={out} exists and is not a folder")
+
+
+# -- the plan ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Item:
+    path: str  # absolute
+    key: str
+    label: int
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class ShardPlan:
+    """One shard to write: its images in order, and the bytes of tar they make."""
+
+    out: str
+    split: str
+    number: int
+    items: list[Item] = field(repr=False)
+    bytes: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.number:06d}"
+
+    @property
+    def tar(self) -> str:
+        return self.name + ".tar"
+
+    @property
+    def index(self) -> str:
+        return self.name + ".idx"
+
+    @property
+    def digest(self) -> str:
+        text = json.dumps([WRITER, FORMAT, VERSION, [[i.path, i.key, i.label, i.size, i.mtime_ns] for i in self.items]])
+        return hashlib.sha256(text.encode(ENCODING, ERRORS)).hexdigest()
+
+
+def _pad(n: int, to: int = BLOCK) -> int:
+    return -(-n // to) * to
+
+
+def header_size(name: str) -> int:
+    """Bytes of a member's GNU tar header(s): one block, plus a ``././@LongLink`` header and its
+    payload when the name is longer than 100 bytes (as ``tarfile`` writes them)."""
+    n = len(name.encode(ENCODING, ERRORS))
+    return BLOCK if n <= tarfile.LENGTH_NAME else 2 * BLOCK + _pad(n + 1)
+
+
+def _member_bytes(name: str, size: int) -> int:
+    return header_size(name) + _pad(size)
+
+
+def _cls_bytes(label: int) -> bytes:
+    return str(label).encode("ascii")
+
+
+def _image_bytes(item: Item) -> int:
+    """Tar bytes of one image: its ``.jpg`` and ``.cls`` members."""
+    return _member_bytes(item.key + ".jpg", item.size) + _member_bytes(item.key + ".cls", len(_cls_bytes(item.label)))
+
+
+def _tar_bytes(members: int) -> int:
+    """Bytes of a tar whose members take ``members`` bytes: two zero blocks end it, zeros pad it to
+    a whole record."""
+    return _pad(members + 2 * BLOCK, RECORD)
+
+
+def cut_shards(out: Path, split: str, items: list[Item], shard_size: int) -> list[ShardPlan]:
+    """``items`` in order, cut into shards of at most ``shard_size`` bytes (at least one image each)."""
+    shards: list[ShardPlan] = []
+    members, current = 0, []
+    for item in items:
+        cost = _image_bytes(item)
+        if current and _tar_bytes(members + cost) > shard_size:
+            shards.append(ShardPlan(str(out), split, len(shards), current, _tar_bytes(members)))
+            members, current = 0, []
+        members += cost
+        current.append(item)
+    if current:
+        shards.append(ShardPlan(str(out), split, len(shards), current, _tar_bytes(members)))
+    return shards
+
+
+def check_keys(split: layout.Split, name: str) -> None:
+    """Every file of ``split`` has its own key; a collision is an error naming both files."""
+    seen: dict[str, str] = {}
+    for path in split.files:
+        key = sample_key(path)
+        if key in seen:
+            raise PackError(f"{seen[key]} and {path} both make the key {key!r} in {name}/ (a key is "
+                            f"<class folder>/<file stem>, dots and spaces made _): rename one of them")
+        seen[key] = path
+
+
+def _items(split: layout.Split, bad: set[str]) -> list[Item]:
+    """The split's good files as items, in listing order."""
+    items = []
+    for path, label in zip(split.files, split.labels):
+        if path in bad:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            raise PackError(f"{path} cannot be read: {err.strerror or err}") from err
+        items.append(Item(os.path.abspath(path), sample_key(path), int(label), st.st_size, st.st_mtime_ns))
+    return items
+
+
+# -- writing one shard (in a worker process) -----------------------------------------------------
+def _header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.type = size, 0, 0o644, tarfile.REGTYPE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(TAR_FORMAT, ENCODING, ERRORS)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+_TMP = re.compile(r"^\..+\.tmp\d+$")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """``path`` holds ``data`` or what it held before, never a part: a temporary file, fsync'ed,
+    renamed over it."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _record_path(shard: ShardPlan) -> Path:
+    return Path(shard.out) / STATE / (shard.name + ".json")
+
+
+def _kept(shard: ShardPlan) -> dict | None:
+    """The shard's record when the tar and index on disk are the ones it describes for this plan."""
+    out = Path(shard.out)
+    try:
+        record = json.loads(_record_path(shard).read_text())
+        if record.get("plan") != shard.digest or record.get("bytes") != shard.bytes:
+            return None
+        tar, index = out / shard.tar, out / shard.index
+        if tar.stat().st_size != record["bytes"]:
+            return None
+        if _sha256_file(index) != record["index_sha256"] or _sha256_file(tar) != record["sha256"]:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record
+
+
+def _write(shard: ShardPlan) -> dict:
+    """Write the shard's tar and index (temporary names, fsync, rename), then its record."""
+    out = Path(shard.out)
+    _record_path(shard).unlink(missing_ok=True)
+    tar, index = out / shard.tar, out / shard.index
+    tmp_tar, tmp_index = _tmp_name(tar), _tmp_name(index)
+    digest = hashlib.sha256()
+    lines = [f"{INDEX_VERSION} {len(shard.items)}"]
+    pos = 0
+    try:
+        with open(tmp_tar, "wb") as f:
+            def put(data: bytes) -> None:
+                nonlocal pos
+                f.write(data)
+                digest.update(data)
+                pos += len(data)
+
+            for item in shard.items:
+                try:
+                    data = Path(item.path).read_bytes()
+                except OSError as err:
+                    raise PackError(f"{item.path} cannot be read: {err.strerror or err}") from err
+                if len(data) != item.size:
+                    raise PackError(f"{item.path} changed while packing ({item.size} bytes when listed, "
+                                    f"{len(data)} now): run pack again")
+                entry = []
+                for ext, payload in (("jpg", data), ("cls", _cls_bytes(item.label))):
+                    name = f"{item.key}.{ext}"
+                    put(_header(name, len(payload)))
+                    entry.append(f"{ext} {pos} {len(payload)} {name}")
+                    put(payload)
+                    put(bytes(_pad(len(payload)) - len(payload)))
+                lines.append(" ".join(entry))
+            put(bytes(_tar_bytes(pos) - pos))
+            f.flush()
+            os.fsync(f.fileno())
+        if pos != shard.bytes:  # the plan's arithmetic and the writer disagree: a bug, not a user error
+            raise RuntimeError(f"{shard.tar}: wrote {pos} bytes, planned {shard.bytes}")
+        index_text = ("\n".join(lines) + "\n").encode(ENCODING, ERRORS)
+        with open(tmp_index, "wb") as f:
+            f.write(index_text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_tar, tar)
+        os.replace(tmp_index, index)
+    finally:
+        tmp_tar.unlink(missing_ok=True)
+        tmp_index.unlink(missing_ok=True)
+    _fsync_dir(out)
+    record = {"plan": shard.digest, "tar": shard.tar, "index": shard.index, "images": len(shard.items),
+              "bytes": pos, "sha256": digest.hexdigest(), "index_sha256": hashlib.sha256(index_text).hexdigest()}
+    write_atomic(_record_path(shard), json.dumps(record, indent=1).encode())
+    delay = float(os.environ.get(DELAY_ENV) or 0)
+    if delay > 0:
+        time.sleep(delay)
+    return record
+
+
+def _do_shard(shard: ShardPlan) -> tuple[dict, bool]:
+    """(the shard's record, whether it was kept from an earlier run)."""
+    record = _kept(shard)
+    if record is not None:
+        return record, True
+    return _write(shard), False
+
+
+def _worker_init(parent: int) -> None:
+    """Die with the pack: a worker left writing after its pack was killed would race the next one."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+
+def _run_shards(shards: list[ShardPlan], workers: int):
+    """(shard, record, kept) for every shard, as they finish."""
+    if workers <= 1 or len(shards) <= 1:
+        for shard in shards:
+            yield (shard, *_do_shard(shard))
+        return
+    ctx = multiprocessing.get_context("spawn")  # as check.py: the caller may hold threads fork cannot copy
+    with ProcessPoolExecutor(min(workers, len(shards)), mp_context=ctx, initializer=_worker_init,
+                             initargs=(os.getpid(),)) as pool:
+        futures = {pool.submit(_do_shard, shard): shard for shard in shards}
+        try:
+            for future in as_completed(futures):
+                yield (futures[future], *future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+# -- OUT -----------------------------------------------------------------------------------------
+_SHARD_FILE = re.compile(r"^(train|val)-(\d{6})\.(tar|idx|json)$")
+
+
+def _lock(out: Path):
+    state = out / STATE
+    state.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PackError(f"another `imagenet-trainer pack` is writing {out} (it holds {state / 'lock'}); "
+                        f"wait for it or stop it") from None
+    return fd
+
+
+def _clean(out: Path, counts: dict[str, int]) -> None:
+    """Remove the manifest (the pack is incomplete until it is written again), stale temporary
+    files, and the shards and records beyond the plan's."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    for folder in (out, out / STATE):
+        for entry in os.scandir(folder):
+            match = _SHARD_FILE.match(entry.name)
+            if _TMP.match(entry.name) and entry.is_file():
+                os.unlink(entry.path)
+            elif match and int(match.group(2)) >= counts[match.group(1)]:
+                os.unlink(entry.path)
+    _fsync_dir(out)
+
+
+# -- the whole pack ------------------------------------------------------------------------------
+@dataclass
+class PackResult:
+    out: Path
+    manifest: dict | None  # None when bad files stopped the pack (nothing written)
+    bad: list[tuple[str, str]]  # (path, reason) of every file that does not decode
+    images: dict[str, int] = field(default_factory=dict)
+    shards: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+    kept: int = 0
+    written: int = 0
+    check_seconds: float = 0.0
+    write_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.manifest is not None
+
+
+def _say(verbose: bool, message: str) -> None:
+    if verbose:
+        print(f"pack: {message}", file=sys.stderr, flush=True)
+
+
+def pack(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    seed: int = 0,
+    progress: bool | None = None,
+    verbose: bool = False,
+) -> PackResult:
+    """Pack the tree ``root`` into ``out`` (see the module docstring); resumes a killed pack.
+
+    Raises :class:`PackError` (or :class:`layout.DataLayoutError`) for bad arguments or a tree that
+    is not an ImageNet layout. Bad files: the result's ``bad``; without ``skip_bad`` nothing is
+    written and the result's ``manifest`` is None. ``progress``: bars on stderr (default: when it
+    is a terminal); ``verbose``: what it does, on stderr.
+    """
+    root, out = Path(root), Path(out)
+    size = parse_size(shard_size)
+    workers = check.default_workers() if workers is None else max(0, int(workers))
+    if progress is None:
+        progress = sys.stderr.isatty()
+    train, val = layout.scan_dataset(root)
+    _check_out(root, out)
+    check_keys(train, "train")
+    check_keys(val, "val")
+
+    files = train.files + val.files
+    how = "Pillow and nvImageCodec (DALI's decoder)" if check.dali_decoder_available() else "Pillow only"
+    _say(verbose, f"decoding {len(files)} images under {root} ({len(train)} train, {len(val)} val) with {how}, "
+                  f"{workers} worker(s)")
+    start = time.perf_counter()
+    bad = check.check_files(files, workers, progress=progress)
+    result = PackResult(out, None, bad, check_seconds=time.perf_counter() - start)
+    if bad and not skip_bad:
+        return result
+
+    start = time.perf_counter()
+    bad_paths = {p for p, _ in bad}
+    train_items = _items(train, bad_paths)
+    val_items = _items(val, bad_paths)
+    if not train_items:
+        raise PackError(f"no train image of {root} decodes: nothing to pack")
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(train_items))
+    train_items = [train_items[i] for i in order]
+    plan = {"train": cut_shards(out, "train", train_items, size), "val": cut_shards(out, "val", val_items, size)}
+    shards = plan["train"] + plan["val"]
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    try:
+        _clean(out, {name: len(plan[name]) for name in SPLITS})
+        _say(verbose, f"writing {len(plan['train'])} train and {len(plan['val'])} val shard(s) of at most "
+                      f"{size} bytes into {out}, {min(max(workers, 1), len(shards))} worker(s)")
+        records: dict[str, dict] = {}
+        bar = check._progress_bar(len(train_items) + len(val_items)) if progress else None
+        try:
+            for shard, record, kept in _run_shards(shards, workers):
+                records[shard.name] = record
+                result.kept += kept
+                result.written += not kept
+                if bar is not None:
+                    bar.update(len(shard.items))
+        finally:
+            if bar is not None:
+                bar.close()
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "classes": list(train.classes),
+            "source_root": str(root.resolve()),
+            "seed": seed,
+            "shard_size": size,
+            "splits": {
+                name: {"images": sum(len(s.items) for s in plan[name]),
+                       "shards": [{key: records[s.name][key] for key in ("tar", "index", "images", "bytes", "sha256")}
+                                  for s in plan[name]]}
+                for name in SPLITS
+            },
+            "skipped": [{"path": os.path.abspath(p), "reason": r} for p, r in bad],
+        }
+        write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    finally:
+        os.close(lock)
+    result.manifest = manifest
+    result.write_seconds = time.perf_counter() - start
+    result.images = {name: manifest["splits"][name]["images"] for name in SPLITS}
+    result.shards = {name: len(plan[name]) for name in SPLITS}
+    result.bytes = sum(s.bytes for s in shards)
+    return result
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def main(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    seed: int = 0,
+) -> int:
+    """The ``pack`` verb: 0 when the pack is complete, 1 when bad files stopped it (each printed as
+    ``path: reason`` on stdout, nothing written), 2 for bad arguments or a tree that is not an
+    ImageNet layout (``pack: <message>`` on stderr)."""
+    try:
+        result = pack(root, out, shard_size=shard_size, workers=workers, skip_bad=skip_bad, seed=seed, verbose=True)
+    except (layout.DataLayoutError, OSError) as err:
+        print(f"pack: {err}", file=sys.stderr)
+        return 2
+    for path, reason in result.bad:
+        print(f"{path}: {reason}")
+    total = len(result.bad) + sum(result.images.values())
+    if not result.ok:
+        print(f"pack: {len(result.bad)} of {total} images are bad; nothing was written to {out}. Replace or "
+              f"delete them, or pass --skip-bad to pack the others (the manifest lists the ones left out)",
+              file=sys.stderr)
+        return 1
+    if result.bad:
+        print(f"pack: left out {len(result.bad)} bad image(s) (--skip-bad); manifest.json lists them under "
+              f"'skipped'", file=sys.stderr)
+    seconds = result.check_seconds + result.write_seconds
+    images = sum(result.images.values())
+    _say(True, f"kept {result.kept} finished shard(s) of an earlier run (verified), wrote {result.written}")
+    _say(True, f"done: train {result.images['train']} images in {result.shards['train']} shard(s), val "
+               f"{result.images['val']} images in {result.shards['val']} shard(s), {_human(result.bytes)} "
+               f"({result.bytes} bytes); {images / max(seconds, 1e-9):.0f} images/s (check "
+               f"{result.check_seconds:.1f} s, write {result.write_seconds:.1f} s); {Path(out) / MANIFEST}")
+    return 0
