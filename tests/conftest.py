@@ -47,6 +47,16 @@ def tiny_root(tmp_path_factory) -> Path:
                             val_per_class=5, image_size=(40, 32))
 
 
+@pytest.fixture(scope="session")
+def tiny_pack(tiny_root, tmp_path_factory) -> Path:
+    """tiny_root packed by `imagenet-trainer pack` into shards of about 16 KB (64 train images
+    in several shards, 20 val images in at least two)."""
+    out = tmp_path_factory.mktemp("tiny_pack") / "pack"
+    proc = run_cli("pack", str(tiny_root), str(out), "--shard-size", "16KB", "--workers", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 def skip_without_dali() -> None:
     """Skip the calling test, with DALI's install hint, where DALI does not import."""
     from data_pipelines.dali import dali_available, dali_import_error_message

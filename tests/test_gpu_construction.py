@@ -91,6 +91,28 @@ def test_dali_gpu_pipelines_define_their_graph_with_valid_arguments(pretend_cuda
         pipe.build()
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_dali_gpu_pipelines_read_a_pack_with_the_webdataset_reader(pretend_cuda, tiny_pack, train):
+    """dali_gpu from a pack: DALI's webdataset reader (our order in its indices, no shuffle of its
+    own) feeds the mixed decoder, and the ``.cls`` labels, padded to a fixed width, go to the GPU
+    with the images; the graph defines with every argument valid, and building fails only for
+    want of CUDA."""
+    from data_pipelines import shards
+
+    manifest = shards.read_manifest(tiny_pack)
+    split = manifest.train if train else manifest.val
+    options = dali.PipelineOptions(image_size=32, val_resize=36, device="gpu", device_id=0, num_threads=2)
+    loader = dali.DALILoader(split, train=train, batch_size=4, options=options)
+    pipe = loader.pipeline(range(len(split)))
+    specs = _specs(pipe)
+    reader = specs["readers__Webdataset"]
+    assert reader["random_shuffle"] == "False" and reader["device"] == "cpu"
+    assert specs["decoders__ImageRandomCrop" if train else "decoders__Image"]["device"] == "mixed"
+    assert specs["Pad"]["device"] == "cpu" and specs["CropMirrorNormalize"]["device"] == "gpu"
+    with pytest.raises(RuntimeError, match="CUDA"):
+        pipe.build()
+
+
 @pytest.mark.parametrize("policy", ["trivial_wide", "rand_augment"])
 def test_dali_gpu_auto_augment_is_defined_on_the_gpu(pretend_cuda, tiny_root, policy):
     """aug.auto_augment on dali_gpu: DALI's auto_aug operators (selected per sample by conditionals)

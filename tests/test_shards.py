@@ -1,0 +1,215 @@
+"""Reading a pack (tar shards): the sample-order contract of the folder path, kept in terms of
+shards, and every backend reading exactly the bytes, labels, decode, crops and augmentation that
+it reads from the same images as files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipelines import layout, shards
+from tests.conftest import skip_without_dali
+
+
+def _split(counts, root="/nowhere") -> shards.ShardSplit:
+    """A split of shards holding ``counts`` images (no files: the order needs counts only)."""
+    root = Path(root)
+    return shards.ShardSplit(root, "train", ["a"], [
+        shards.Shard(root / f"train-{i:06d}.tar", root / f"train-{i:06d}.idx", n, 0, "") for i, n in enumerate(counts)
+    ])
+
+
+COUNTS = [10, 10, 10, 7, 10, 3, 9, 10]  # 69 images in 8 shards, the last ones short as a pack's are
+
+
+def test_each_rank_gets_equal_full_batches_of_distinct_images_from_its_own_shards():
+    split, world, batch = _split(COUNTS), 3, 4
+    steps = len(split) // (world * batch)
+    ranks = [shards.train_ids(split, epoch=2, seed=7, shard_id=r, num_shards=world, batch_size=batch)
+             for r in range(world)]
+    assert [len(ids) for ids in ranks] == [steps * batch] * world
+    everything = np.concatenate(ranks)
+    assert len(set(everything.tolist())) == len(everything)  # no image on two ranks, or twice
+    assert len(split) - len(everything) < world * batch  # fewer than one global batch left over
+    stream = shards.shard_stream(split, epoch=2, seed=7)
+    assert sorted(stream.tolist()) == list(range(len(split)))
+    for r, ids in enumerate(ranks):  # a contiguous span of the epoch's shard stream
+        assert ids.tolist() == stream[r * steps * batch : (r + 1) * steps * batch].tolist()
+        shard_of, _ = split.locate(ids)
+        runs = np.flatnonzero(np.diff(shard_of)) + 1
+        assert len(runs) + 1 == len(set(shard_of.tolist())), "a rank reads each of its shards in one go"
+
+
+def test_the_order_is_seeded_per_epoch_and_shuffles_within_each_shard():
+    split = _split(COUNTS)
+    a = shards.shard_stream(split, epoch=0, seed=1)
+    assert a.tolist() == shards.shard_stream(split, epoch=0, seed=1).tolist()
+    assert a.tolist() != shards.shard_stream(split, epoch=1, seed=1).tolist()
+    assert a.tolist() != shards.shard_stream(split, epoch=0, seed=2).tolist()
+    shard_of, position = split.locate(a)
+    for shard in (0, 1, 2, 4, 7):  # the 10-image shards: each read in its own, non-trivial order
+        inside = position[shard_of == shard]
+        assert sorted(inside.tolist()) == list(range(10)) and inside.tolist() != sorted(inside.tolist())
+    # Over epochs the shard order changes too: shard 0 does not always come first.
+    firsts = {int(split.locate(shards.shard_stream(split, epoch=e, seed=1)[:1])[0][0]) for e in range(8)}
+    assert len(firsts) > 1
+
+
+def test_a_resumed_epoch_feeds_exactly_the_batches_not_fed():
+    split = _split(COUNTS)
+    kw = dict(epoch=3, seed=5, shard_id=1, num_shards=2, batch_size=4)
+    full = shards.train_ids(split, **kw)
+    for step in range(len(full) // 4 + 1):
+        assert shards.train_ids(split, start_step=step, **kw).tolist() == full[step * 4 :].tolist()
+
+
+def test_validation_reads_every_image_once_across_ranks():
+    split = _split(COUNTS)
+    for world in (1, 2, 3, 5, 8, 13):
+        parts = [shards.val_ids(split, shard_id=r, num_shards=world) for r in range(world)]
+        assert np.concatenate(parts).tolist() == list(range(len(split)))
+
+
+def test_repeated_augmentation_feeds_each_chosen_image_repeats_times():
+    split = _split(COUNTS)
+    ids = shards.train_ids(split, epoch=0, seed=1, shard_id=0, num_shards=2, batch_size=6, repeats=3)
+    assert len(ids) == (len(split) // 12) * 6
+    values, counts = np.unique(ids, return_counts=True)
+    assert set(counts.tolist()) == {3} and len(values) == len(ids) // 3
+
+
+def test_too_few_images_for_one_batch_per_rank_is_a_clear_error():
+    with pytest.raises(ValueError, match="fewer than one batch per rank"):
+        shards.train_ids(_split([3, 2]), epoch=0, seed=0, shard_id=0, num_shards=4, batch_size=2)
+
+
+# -- a real pack --------------------------------------------------------------------------------
+def _source_file(tree: Path, split: shards.ShardSplit, sample: int) -> Path:
+    """The tree's file that ``sample`` of ``split`` was packed from (its key is class/stem)."""
+    shard, position = (int(v[0]) for v in split.locate(np.array([sample])))
+    key = split.index_lines(shard)[position].split()[3].rsplit(".", 1)[0]
+    (match,) = (tree / split.name).glob(key + ".*")
+    return match
+
+
+def test_a_pack_holds_every_image_of_the_tree_with_its_label(tiny_pack, tiny_root):
+    manifest = shards.read_manifest(tiny_pack)
+    train, val = layout.scan_dataset(tiny_root)
+    assert manifest.classes == train.classes
+    assert len(manifest.train.shards) >= 4 and len(manifest.val.shards) >= 2
+    for ours, theirs in ((manifest.train, train), (manifest.val, val)):
+        files = [_source_file(tiny_root, ours, i) for i in range(len(ours))]
+        assert sorted(map(str, files)) == sorted(theirs.files)
+    # Validation keeps the folder order, so its sample ids are the tree's val indices.
+    assert [str(_source_file(tiny_root, manifest.val, i)) for i in range(len(val))] == val.files
+
+
+def test_dali_decodes_crops_and_augments_a_pack_exactly_as_the_same_files(tiny_pack, tiny_root):
+    """The same sample ids through the webdataset reader and through the file reader, with the same
+    seed: bit-identical crops, flips and labels (training, with an automatic augmentation) and
+    identical validation batches."""
+    skip_without_dali()
+    from data_pipelines.dali import DALILoader, PipelineOptions
+
+    manifest = shards.read_manifest(tiny_pack)
+    train, _ = layout.scan_dataset(tiny_root)
+    label_of = dict(zip(train.files, train.labels))
+    files = [str(_source_file(tiny_root, manifest.train, i)) for i in range(len(manifest.train))]
+    options = PipelineOptions(image_size=32, device="cpu", num_threads=2, auto_augment="trivial_wide")
+    from_shards = DALILoader(manifest.train, train=True, batch_size=8, seed=4, options=options)
+    from_files = DALILoader(files, [label_of[f] for f in files], train=True, batch_size=8, seed=4, options=options)
+    ids = shards.train_ids(manifest.train, epoch=0, seed=4, shard_id=0, num_shards=1, batch_size=8)
+    pipes = [loader.pipeline(ids) for loader in (from_shards, from_files)]
+    for pipe in pipes:
+        pipe.build()
+    for _ in range(len(ids) // 8):
+        (crops_a, flips_a, labels_a), (crops_b, flips_b, labels_b) = (pipe.run() for pipe in pipes)
+        for i in range(8):
+            assert np.array_equal(np.asarray(crops_a[i]), np.asarray(crops_b[i]))
+        assert np.array_equal(np.asarray(flips_a.as_tensor()), np.asarray(flips_b.as_tensor()))
+        assert shards.ascii_labels(torch.from_numpy(np.asarray(labels_a.as_tensor()))).tolist() == \
+            np.asarray(labels_b.as_tensor()).reshape(-1).tolist()
+    for pipe in pipes:
+        pipe._shutdown()
+
+    _, val = layout.scan_dataset(tiny_root)
+    val_options = PipelineOptions(image_size=32, val_resize=36, device="cpu", num_threads=2)
+    for rank in (0, 1):
+        a = list(DALILoader(manifest.val, train=False, batch_size=3, shard_id=rank, num_shards=2, options=val_options))
+        b = list(DALILoader(val.files, val.labels, train=False, batch_size=3, shard_id=rank, num_shards=2,
+                            options=val_options))
+        assert len(a) == len(b) == 4  # 10 images per rank: 3 + 3 + 3 + 1, no padding
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_the_dali_training_loader_feeds_the_shard_order_and_resumes_inside_it(tiny_pack):
+    skip_without_dali()
+    from data_pipelines.dali import DALILoader, PipelineOptions
+
+    manifest = shards.read_manifest(tiny_pack)
+    options = PipelineOptions(image_size=32, device="cpu", num_threads=2, output_device=None)
+
+    def labels(loader):
+        return [y.tolist() for _, y in loader]
+
+    def expected(rank, epoch, step=0):
+        ids = shards.train_ids(manifest.train, epoch=epoch, seed=2, shard_id=rank, num_shards=2, batch_size=4,
+                               start_step=step)
+        return [[_label(manifest.train, i) for i in ids[k : k + 4]] for k in range(0, len(ids), 4)]
+
+    for rank in (0, 1):
+        loader = DALILoader(manifest.train, train=True, batch_size=4, shard_id=rank, num_shards=2, seed=2, options=options)
+        assert labels(loader) == expected(rank, 0)
+        assert labels(loader) == expected(rank, 1)  # the loader moved on to epoch 1 by itself
+        loader.seek(1, 3)
+        assert labels(loader) == expected(rank, 1, 3)
+
+
+def _label(split: shards.ShardSplit, sample: int) -> int:
+    shard, position = (int(v[0]) for v in split.locate(np.array([sample])))
+    fields = split.index_lines(shard)[position].split()
+    with open(split.shards[shard].tar, "rb") as tar:
+        tar.seek(int(fields[5]))
+        return int(tar.read(int(fields[6])))
+
+
+def test_torchvision_reads_a_pack_exactly_as_the_same_files(tiny_pack, tiny_root):
+    from data_pipelines.torchvision_loader import build_train_loader, build_val_loader
+
+    manifest = shards.read_manifest(tiny_pack)
+    _, val = layout.scan_dataset(tiny_root)
+    for rank in (0, 1):
+        common = dict(batch_size=3, image_size=32, val_resize=36, num_workers=0, shard_id=rank, num_shards=2)
+        a, b = list(build_val_loader(manifest.val, None, **common)), list(build_val_loader(val.files, val.labels, **common))
+        assert len(a) == len(b) == 4
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    loader = build_train_loader(manifest.train, None, batch_size=4, image_size=32, num_workers=2, seed=2,
+                                shard_id=1, num_shards=2)
+    ids = shards.train_ids(manifest.train, epoch=0, seed=2, shard_id=1, num_shards=2, batch_size=4)
+    assert [y.tolist() for _, y in loader] == [[_label(manifest.train, i) for i in ids[k : k + 4]]
+                                               for k in range(0, len(ids), 4)]
+
+
+def test_a_damaged_pack_fails_at_start_with_what_to_do(tiny_pack, tmp_path):
+    import shutil
+
+    broken = tmp_path / "pack"
+    shutil.copytree(tiny_pack, broken)
+    manifest = shards.read_manifest(broken)
+    victim = manifest.train.shards[1].tar
+    victim.write_bytes(victim.read_bytes()[:-512])  # truncated copy
+    with pytest.raises(shards.ShardError, match=f"{victim}.*truncated"):
+        shards.read_manifest(broken)
+    victim.unlink()
+    with pytest.raises(shards.ShardError, match=f"{victim} is missing.*imagenet-trainer pack"):
+        shards.read_manifest(broken)
+    (broken / "manifest.json").write_text('{"format": "imagenet-trainer shards", "version": 99}')
+    with pytest.raises(shards.ShardError, match="version 99"):
+        shards.read_manifest(broken)
+    (broken / "manifest.json").unlink()
+    with pytest.raises(shards.ShardError, match="imagenet-trainer pack"):
+        shards.read_manifest(broken)
