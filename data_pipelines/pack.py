@@ -27,8 +27,9 @@ recorded sha256 at the recorded size (the check runs in the workers, reading eac
 every other shard is written again, shards beyond the plan (an earlier pack had more) and stale
 temporary files are removed, then the manifest is written. A pack of other arguments or of a
 changed tree in the same ``OUT`` is the same case: the records that no longer match are rewritten.
-``OUT/.pack/lock`` (``flock``) keeps two packs out of one ``OUT``; worker processes die with the
-pack that started them (``PR_SET_PDEATHSIG``), so a killed pack leaves no writer behind.
+``OUT/.pack/lock`` (``flock``) keeps two packs out of one ``OUT``; the writing processes die with
+the pack that started them (``PR_SET_PDEATHSIG``), so a killed pack leaves no writer behind.
+``DELAY_ENV`` (a test hook) makes each shard's writer sleep after it, so a test can kill mid-pack.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from . import check, layout
@@ -139,7 +141,7 @@ class ShardPlan:
     def index(self) -> str:
         return self.name + ".idx"
 
-    @property
+    @cached_property
     def digest(self) -> str:
         text = json.dumps([WRITER, FORMAT, VERSION, [[i.path, i.key, i.label, i.size, i.mtime_ns] for i in self.items]])
         return hashlib.sha256(text.encode(ENCODING, ERRORS)).hexdigest()
@@ -303,12 +305,14 @@ def _write(shard: ShardPlan) -> dict:
 
             for item in shard.items:
                 try:
-                    data = Path(item.path).read_bytes()
+                    with open(item.path, "rb") as source:
+                        st = os.fstat(source.fileno())
+                        data = source.read()
                 except OSError as err:
                     raise PackError(f"{item.path} cannot be read: {err.strerror or err}") from err
-                if len(data) != item.size:
+                if (len(data), st.st_mtime_ns) != (item.size, item.mtime_ns):
                     raise PackError(f"{item.path} changed while packing ({item.size} bytes when listed, "
-                                    f"{len(data)} now): run pack again")
+                                    f"{len(data)} now, modified since): run pack again")
                 entry = []
                 for ext, payload in (("jpg", data), ("cls", _cls_bytes(item.label))):
                     name = f"{item.key}.{ext}"
@@ -383,7 +387,8 @@ def _run_shards(shards: list[ShardPlan], workers: int):
 
 
 # -- OUT -----------------------------------------------------------------------------------------
-_SHARD_FILE = re.compile(r"^(train|val)-(\d{6})\.(tar|idx|json)$")
+_SHARD_FILE = {".": re.compile(r"^(train|val)-(\d{6})\.(tar|idx)$"),  # in OUT
+               STATE: re.compile(r"^(train|val)-(\d{6})\.json$")}  # in OUT/.pack
 
 
 def _lock(out: Path):
@@ -403,9 +408,9 @@ def _clean(out: Path, counts: dict[str, int]) -> None:
     """Remove the manifest (the pack is incomplete until it is written again), stale temporary
     files, and the shards and records beyond the plan's."""
     (out / MANIFEST).unlink(missing_ok=True)
-    for folder in (out, out / STATE):
-        for entry in os.scandir(folder):
-            match = _SHARD_FILE.match(entry.name)
+    for sub, pattern in _SHARD_FILE.items():
+        for entry in os.scandir(out / sub):
+            match = pattern.match(entry.name)
             if _TMP.match(entry.name) and entry.is_file():
                 os.unlink(entry.path)
             elif match and int(match.group(2)) >= counts[match.group(1)]:
@@ -419,6 +424,7 @@ class PackResult:
     out: Path
     manifest: dict | None  # None when bad files stopped the pack (nothing written)
     bad: list[tuple[str, str]]  # (path, reason) of every file that does not decode
+    files: int = 0  # image files under ROOT/train and ROOT/val, bad ones included
     images: dict[str, int] = field(default_factory=dict)
     shards: dict[str, int] = field(default_factory=dict)
     bytes: int = 0
@@ -460,6 +466,8 @@ def pack(
     workers = check.default_workers() if workers is None else max(0, int(workers))
     if progress is None:
         progress = sys.stderr.isatty()
+    if not root.is_dir():
+        raise PackError(f"ROOT={root} does not exist or is not a folder: give the folder that holds train/ and val/")
     train, val = layout.scan_dataset(root)
     _check_out(root, out)
     check_keys(train, "train")
@@ -471,7 +479,7 @@ def pack(
                   f"{workers} worker(s)")
     start = time.perf_counter()
     bad = check.check_files(files, workers, progress=progress)
-    result = PackResult(out, None, bad, check_seconds=time.perf_counter() - start)
+    result = PackResult(out, None, bad, len(files), check_seconds=time.perf_counter() - start)
     if bad and not skip_bad:
         return result
 
@@ -503,6 +511,8 @@ def pack(
                 result.written += not kept
                 if bar is not None:
                     bar.update(len(shard.items))
+                elif len(shards) >= 20 and len(records) * 10 // len(shards) > (len(records) - 1) * 10 // len(shards):
+                    _say(verbose, f"{len(records)}/{len(shards)} shards done")  # a line per tenth
         finally:
             if bar is not None:
                 bar.close()
@@ -559,9 +569,8 @@ def main(
         return 2
     for path, reason in result.bad:
         print(f"{path}: {reason}")
-    total = len(result.bad) + sum(result.images.values())
     if not result.ok:
-        print(f"pack: {len(result.bad)} of {total} images are bad; nothing was written to {out}. Replace or "
+        print(f"pack: {len(result.bad)} of {result.files} images are bad; nothing was written to {out}. Replace or "
               f"delete them, or pass --skip-bad to pack the others (the manifest lists the ones left out)",
               file=sys.stderr)
         return 1

@@ -11,8 +11,10 @@ The format (``FORMAT``, version ``VERSION``) is WebDataset's, with DALI's indice
     OUT/val-000000.tar       a ``v1.2 N`` line, then one line per image,
     OUT/val-000000.idx       ``jpg OFFSET SIZE KEY.jpg cls OFFSET SIZE KEY.cls``
 
-``KEY`` is ``<class folder>/<file stem>``, with spaces and dots in the stem made ``_`` (an index
-line is split at spaces, a WebDataset key ends at its first dot). ``manifest.json``::
+``KEY`` is ``<class folder>/<file stem>``, with whitespace made ``_`` (an index line is split at
+spaces) and dots in the stem too (a WebDataset key ends at its first dot). Tars are GNU format, so
+names over 100 bytes work; OFFSET is always the member's data (DALI's ``wds2idx`` gives the
+long-name header's offset for such names, which is why ``pack`` writes the indices itself). ``manifest.json``::
 
     {"format": FORMAT, "version": 1, "classes": [wnid, ...],       # index order = the folder layout's
      "source_root": "/abs/path", "seed": 0, "shard_size": BYTES,
@@ -105,7 +107,7 @@ class ShardSplit:
             raise ShardError(f"cannot read the shard index {path}: {err.strerror or err}; re-run "
                              f"`imagenet-trainer pack` for {self.root}") from err
         header = lines[0].split() if lines else []
-        if len(header) != 2 or header[0] != INDEX_VERSION or int(header[1]) != len(lines) - 1:
+        if len(header) != 2 or header[0] != INDEX_VERSION or header[1] != str(len(lines) - 1):
             raise ShardError(f"{path} is not a complete {INDEX_VERSION} index ({len(lines) - 1} sample lines, "
                              f"header {lines[:1]}); re-run `imagenet-trainer pack` for {self.root}")
         if len(lines) - 1 != self.shards[shard].images:
@@ -146,8 +148,9 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     except (OSError, ValueError) as err:
         raise ShardError(f"{path} cannot be read as JSON ({err}); re-run `imagenet-trainer pack`") from err
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ShardError(f"{path} is not an imagenet-trainer pack manifest (format {data.get('format')!r} "
-                         f"if a dict); make one with `imagenet-trainer pack`")
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ShardError(f"{path} is not an imagenet-trainer pack manifest (found {found!r}, expected format "
+                         f"{FORMAT!r}); make one with `imagenet-trainer pack`")
     if data.get("version") != VERSION:
         raise ShardError(f"{path} has format version {data.get('version')!r}; this imagenet-trainer reads "
                          f"version {VERSION}: re-pack with `imagenet-trainer pack`, or install the version that wrote it")
@@ -156,8 +159,8 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
         splits = {}
         for name in SPLITS:
             entry = data["splits"][name]
-            shards = [Shard(root / s["tar"], root / s["index"], int(s["images"]), int(s["bytes"]), str(s["sha256"]))
-                      for s in entry["shards"]]
+            shards = [Shard(root / _name(path, s["tar"]), root / _name(path, s["index"]), int(s["images"]),
+                            int(s["bytes"]), str(s["sha256"])) for s in entry["shards"]]
             splits[name] = ShardSplit(root, name, classes, shards)
             if len(splits[name]) != int(entry["images"]):
                 raise ShardError(f"{path}: the {name} shards hold {len(splits[name])} images, its "
@@ -168,10 +171,23 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
         raise ShardError(f"{path} lacks or mangles the field {err}; re-run `imagenet-trainer pack`") from err
     if not splits["train"].shards:
         raise ShardError(f"{path} lists no train shards; re-run `imagenet-trainer pack`")
+    names = [f.name for split in splits.values() for s in split.shards for f in (s.tar, s.index)]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ShardError(f"{path} names {', '.join(twice)} more than once; re-run `imagenet-trainer pack`")
     manifest = Manifest(root, classes, splits, data)
     for shard in manifest.shards():
         check_present(shard)
     return manifest
+
+
+def _name(manifest: Path, name) -> str:
+    """A file name of the manifest: a plain name inside the pack's folder, nothing else."""
+    name = str(name)
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ShardError(f"{manifest} names the file {name!r}, which is not a plain file name in the pack's "
+                         f"folder; re-run `imagenet-trainer pack`")
+    return name
 
 
 def check_present(shard: Shard) -> None:

@@ -349,10 +349,12 @@ def _copy_verified(shard: shards.Shard, dst: Path, root: Path, places: _Places, 
 
 
 def _no_space(stage_to: Path, root: Path, needed: int, free: int, *, during: bool = False) -> StagingError:
-    what = "ran out of space while copying (at least" if during else "needs"
+    if during:
+        what = f"the disk filled up while copying (a shard of {_gb(needed)} did not fit, {_gb(free)} free now)"
+    else:
+        what = f"{_gb(needed)} still to copy, {_gb(free)} free"
     return StagingError(
-        f"not enough space in data.stage_to={stage_to} to stage {root}: it {what} {_gb(needed)}"
-        f"{')' if during else ''} still to copy, {_gb(free)} free. Free space there, point "
+        f"not enough space in data.stage_to={stage_to} to stage {root}: {what}. Free space there, point "
         f"data.stage_to at a bigger node-local disk, or unset data.stage_to to read the pack from {root}"
     )
 
@@ -380,7 +382,7 @@ def _await_ready(root: Path, places: _Places, token: str, launch: LaunchPosition
     while True:
         if ready.is_file():
             return
-        note = None
+        note = _read_marker(failed)
         if note is not None:
             raise StagingError(str(note.get("message") or f"staging {root} into {places.folder} failed ({failed})"))
         waited = time.monotonic() - start

@@ -64,8 +64,27 @@ def test_fit_again_resumes_from_last_ckpt_and_continues_global_step(tiny_root, t
     assert refused.returncode == 2 and "run.resume" in refused.stderr
 
 
+def test_fit_from_a_pack_learns_as_from_folders(sample_root, tmp_path):
+    """The sample tree packed into tar shards: the same recipe clears the same bar as from folders
+    (test_fit_learns_and_validate_reproduces_its_top1), and every val image is counted once."""
+    pack = tmp_path / "pack"
+    packed = run_cli("pack", str(sample_root), str(pack), "--shard-size", "256KB", "--workers", "2")
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    proc = run_cli("fit", *CPU_FIT, f"data.root={pack}", f"run.dir={run_dir}", "trainer.max_epochs=6",
+                   "data.batch_size=32", "optim.lr=0.4", "optim.warmup_epochs=1", "data.backend=dali_cpu",
+                   "data.num_workers=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _summary(run_dir)
+    assert summary["val/images"] == 300
+    assert summary["best/val/top1"] >= LEARNED_TOP1, summary
+    assert summary["global_step"] == 6 * (1200 // 32)
+
+
+@pytest.mark.parametrize("source", ["folders", "pack"])
 @pytest.mark.parametrize("backend", ["torchvision", "dali_cpu"])
-def test_two_process_ddp_counts_every_val_image_once_and_matches_one_process(tiny_root, tmp_path, backend):
+def test_two_process_ddp_counts_every_val_image_once_and_matches_one_process(request, tmp_path, backend, source):
+    tiny_root = request.getfixturevalue("tiny_root" if source == "folders" else "tiny_pack")
     run_dir = tmp_path / "ddp"
     # 64 train images, 2 ranks x batch 6: 5 steps each (4 images left over); 20 val images, 10 per
     # rank: batches of 6 and 4 on each, so a padded last batch would count 24.

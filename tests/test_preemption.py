@@ -19,7 +19,7 @@ import torch
 from data_pipelines.datamodule import ImageNetDataModule
 from trainer.models import build_model
 from trainer.module import Classifier
-from tests.conftest import skip_without_dali
+from tests.conftest import run_cli, skip_without_dali
 from trainer.preemption import Preempted, RequeueOnSignal, next_hpc_path, requeue_command
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +39,15 @@ def ids_root(tmp_path_factory) -> Path:
 
     return make_sample_tree(tmp_path_factory.mktemp("ids"), num_classes=32, train_per_class=1, val_per_class=1,
                             image_size=(32, 32))
+
+
+@pytest.fixture(scope="module")
+def ids_pack(ids_root, tmp_path_factory) -> Path:
+    """ids_root packed into shards of about 8 KB (6 images each): ranks read distinct shards."""
+    out = tmp_path_factory.mktemp("ids_pack") / "pack"
+    proc = run_cli("pack", str(ids_root), str(out), "--shard-size", "8KB", "--workers", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
 
 
 def _needs(backend: str) -> None:
@@ -73,19 +82,23 @@ def _run_ranks(root: Path, out: Path, signal_at: str, resume: Path | None = None
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
-_FULL: dict[str, list[dict]] = {}
+_FULL: dict[tuple[str, str], list[dict]] = {}
 
 
 def _uninterrupted(root: Path, tmp_path_factory, backend: str) -> list[dict]:
     """Both ranks of an uninterrupted job, once per test session (it is deterministic)."""
-    if backend not in _FULL:
-        _FULL[backend] = _run_ranks(root, tmp_path_factory.mktemp(f"full-{backend}"), "-", backend=backend)
-    return _FULL[backend]
+    if (backend, str(root)) not in _FULL:
+        _FULL[backend, str(root)] = _run_ranks(root, tmp_path_factory.mktemp(f"full-{backend}"), "-", backend=backend)
+    return _FULL[backend, str(root)]
 
 
+@pytest.mark.parametrize("source", ["folders", "pack"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_usr1_to_one_rank_stops_both_at_one_step_and_the_resume_is_exact(ids_root, tmp_path, tmp_path_factory, backend):
+def test_usr1_to_one_rank_stops_both_at_one_step_and_the_resume_is_exact(request, tmp_path, tmp_path_factory, backend,
+                                                                         source):
+    """The same from a pack (tar shards): ranks read distinct shards, and the resume is as exact."""
     _needs(backend)
+    ids_root = request.getfixturevalue("ids_root" if source == "folders" else "ids_pack")
     steps = 32 // (2 * 2)  # 32 train images, 2 ranks x batch 2
     full = _uninterrupted(ids_root, tmp_path_factory, backend)
     assert [r["ended"] for r in full] == ["finished"] * 2
@@ -114,6 +127,8 @@ def test_usr1_to_one_rank_stops_both_at_one_step_and_the_resume_is_exact(ids_roo
 
     second = _run_ranks(ids_root, run, "-", resume=ckpt, backend=backend)
     assert [r["ended"] for r in second] == ["finished"] * 2
+    ids = [label for rank in (0, 1) for _, _, _, labels in full[rank]["seen"][:steps] for label in labels]
+    assert sorted(ids) == list(range(32))  # an epoch: every image once over both ranks
     for rank in (0, 1):  # same sample ids, same order, same global steps as without the stop
         assert first[rank]["seen"] + second[rank]["seen"] == full[rank]["seen"]
         assert second[rank]["global_step"] == 2 * steps

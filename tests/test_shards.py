@@ -213,3 +213,19 @@ def test_a_damaged_pack_fails_at_start_with_what_to_do(tiny_pack, tmp_path):
     (broken / "manifest.json").unlink()
     with pytest.raises(shards.ShardError, match="imagenet-trainer pack"):
         shards.read_manifest(broken)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("[1, 2]", "not an imagenet-trainer pack manifest"),
+    ('{"format": "imagenet-trainer shards", "version": 1, "classes": ["a"], "splits": {"train": {"images": 1, '
+     '"shards": [{"tar": "../x.tar", "index": "x.idx", "images": 1, "bytes": 1, "sha256": ""}]}, '
+     '"val": {"images": 0, "shards": []}}}', "not a plain file name"),
+    ('{"format": "imagenet-trainer shards", "version": 1, "classes": ["a"], "splits": {"train": {"images": 2, '
+     '"shards": [{"tar": "x.tar", "index": "x.idx", "images": 1, "bytes": 1, "sha256": ""}, '
+     '{"tar": "x.tar", "index": "y.idx", "images": 1, "bytes": 1, "sha256": ""}]}, '
+     '"val": {"images": 0, "shards": []}}}', "x.tar more than once"),
+])
+def test_a_manifest_that_is_not_one_is_refused_by_name(tmp_path, text, match):
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(shards.ShardError, match=match):
+        shards.read_manifest(tmp_path)
