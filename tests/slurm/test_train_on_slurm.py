@@ -195,3 +195,39 @@ def test_scancel_checkpoints_every_rank_before_the_kill(slurm_cluster, tiny_root
     position = ckpt["ImageNetDataModule"]
     assert position["epoch"] >= 1 and ckpt["global_step"] == position["epoch"] * steps + position["batches_done"]
     assert not list(run_dir.rglob(".*.tmp"))
+
+
+def test_a_two_node_job_stages_a_pack_to_each_nodes_disk_and_a_later_job_reuses_it(slurm_cluster, tiny_pack, tmp_path):
+    """data.stage_to on a real 2-node job: each node's first task copies the shards to that node's
+    folder (here one per node name, as the test nodes share a disk), the job trains from the copies
+    with exact validation, and a later job on the same nodes copies nothing."""
+    from data_pipelines import shards
+
+    stage = tmp_path / "local"
+    source = shards.read_manifest(tiny_pack)
+
+    def job(name: str) -> tuple[dict, str]:
+        run_dir = tmp_path / name
+        proc, job_id = _submit(slurm_cluster, tmp_path, "--wait", "--nodes", "2", "--tasks-per-node", "1", *CPU_JOB,
+                               "experiment=smoke", f"data.root={tiny_pack}", "data.batch_size=6",
+                               f"data.stage_to={stage}/${{oc.env:SLURMD_NODENAME,unknown}}", f"run.dir={run_dir}")
+        logs = _logs(tmp_path, job_id)
+        assert proc.returncode == 0, logs[-4000:]
+        return json.loads((run_dir / "summary.json").read_text()), logs
+
+    summary, logs = job("first")
+    assert summary["world_size"] == 2 and summary["val/images"] == 20 and summary["global_step"] == 64 // (2 * 6)
+    inodes = {}
+    for node in ("node1", "node2"):
+        (local,) = (stage / node).glob("imagenet-trainer-*/")
+        staged = shards.read_manifest(local)
+        for theirs, ours in zip(source.shards(), staged.shards()):
+            assert ours.tar.read_bytes() == theirs.tar.read_bytes()
+            inodes[ours.tar] = ours.tar.stat().st_ino
+    n = len(source.shards())
+    assert logs.count(f": {n} shards copied") == 2, logs[-4000:]  # one copier per node, all shards
+
+    summary, logs = job("second")
+    assert summary["val/images"] == 20
+    assert {path: path.stat().st_ino for path in inodes} == inodes  # verified and reused, not copied
+    assert logs.count(f": 0 shards copied (0.00 GB), {n} local copies reused") == 2, logs[-4000:]
