@@ -100,6 +100,9 @@ def sample_key(path: str | os.PathLike) -> str:
 
 def _check_out(root: Path, out: Path) -> None:
     root_r, out_r = root.resolve(), out.resolve()
+    if out_r == root_r:
+        # ROOT/manifest.json would turn the tree itself into a "pack" for every reader.
+        raise PackError(f"OUT={out} is ROOT itself: give the pack a folder of its own (e.g. {root_r}-shards)")
     for split in SPLITS:
         inside = root_r / split
         if out_r == inside or inside in out_r.parents:

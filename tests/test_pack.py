@@ -307,3 +307,10 @@ def test_cli_verb_is_wired(capsys):
     assert stop.value.code == 0
     help_text = capsys.readouterr().out
     assert all(opt in help_text for opt in ("ROOT", "OUT", "--shard-size", "--workers", "--skip-bad", "--seed"))
+
+
+def test_out_equal_to_the_tree_exits_2(tree, capsys):
+    """ROOT/manifest.json would make every reader take the tree for a pack."""
+    assert packing.main(tree, tree, workers=1) == 2
+    assert f"pack: OUT={tree} is ROOT itself" in capsys.readouterr().err
+    assert not (tree / MANIFEST).exists() and not list(tree.glob("*.tar"))
