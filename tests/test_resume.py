@@ -12,7 +12,7 @@ from data_pipelines.datamodule import ImageNetDataModule
 from trainer.callbacks import AtomicCheckpointIO
 from trainer.models import build_model
 from trainer.module import Classifier
-from tests.conftest import skip_without_dali
+from tests.conftest import run_cli, skip_without_dali
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +22,15 @@ def one_image_per_class(tmp_path_factory):
     for split, seed in (("train", 0), ("val", 1)):
         photos.write_tree(root, split, classes=36, per_class=1, sizes=(32, 32), seed=seed)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_image_per_class_packed(one_image_per_class, tmp_path_factory):
+    """The same 36 images packed into tar shards of about 8 KB (`imagenet-trainer pack`)."""
+    out = tmp_path_factory.mktemp("ids_pack") / "pack"
+    proc = run_cli("pack", str(one_image_per_class), str(out), "--shard-size", "8KB", "--workers", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
 
 
 class Interrupt(Exception):
@@ -72,15 +81,15 @@ def _fit(root, tmp_path, record, ckpt_path=None, backend="torchvision"):
     return trainer
 
 
-_FULL: dict[str, Record] = {}
+_FULL: dict[tuple[str, str], Record] = {}
 
 
 def _uninterrupted(root, tmp_path_factory, backend: str) -> Record:
-    """The uninterrupted run of ``backend``, once per test session (it is deterministic)."""
-    if backend not in _FULL:
-        _FULL[backend] = Record()
-        _fit(root, tmp_path_factory.mktemp(f"full-{backend}"), _FULL[backend], backend=backend)
-    return _FULL[backend]
+    """The uninterrupted run of ``backend`` on ``root``, once per test session (it is deterministic)."""
+    if (backend, str(root)) not in _FULL:
+        _FULL[backend, str(root)] = Record()
+        _fit(root, tmp_path_factory.mktemp(f"full-{backend}"), _FULL[backend, str(root)], backend=backend)
+    return _FULL[backend, str(root)]
 
 
 # (epoch, batch) and where the checkpoint is written: at that batch's step's start or end, or at the
@@ -99,11 +108,15 @@ CASES = {
 
 
 @pytest.mark.parametrize("stop_at,where", list(CASES.values()), ids=list(CASES))
+@pytest.mark.parametrize("source", ["folders", "pack"])
 @pytest.mark.parametrize("backend", ["torchvision", "dali_cpu"])
-def test_resumed_run_feeds_the_same_sequence_as_an_uninterrupted_one(one_image_per_class, tmp_path, tmp_path_factory,
-                                                                     backend, stop_at, where):
+def test_resumed_run_feeds_the_same_sequence_as_an_uninterrupted_one(request, tmp_path, tmp_path_factory,
+                                                                     backend, source, stop_at, where):
+    """From a tree or from its pack (tar shards, read in the shard order)."""
     if backend.startswith("dali"):
         skip_without_dali()
+    one_image_per_class = request.getfixturevalue(
+        "one_image_per_class" if source == "folders" else "one_image_per_class_packed")
     full = _uninterrupted(one_image_per_class, tmp_path_factory, backend)
     steps = 36 // 4
     assert len(full.seen) == 3 * steps
