@@ -49,12 +49,18 @@ def dali_decoder_available() -> bool:
 
 def check_file(path: str) -> str | None:
     """Why ``path`` cannot be used as a training image, or None when it decodes to RGB."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         data = Path(path).read_bytes()
     except OSError as err:
         return f"cannot be read: {err.strerror or err}"
+    return check_bytes(data)
+
+
+def check_bytes(data: bytes) -> str | None:
+    """Why the encoded image ``data`` cannot be used for training, or None when it decodes to RGB
+    with Pillow and with DALI's decoder (the files of a tree, the images inside a pack's shards)."""
+    from PIL import Image, UnidentifiedImageError
+
     if not data:
         return "empty file (0 bytes)"
     max_pixels, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # huge is not broken

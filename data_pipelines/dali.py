@@ -202,13 +202,25 @@ class ShardSource:
         return shards.ascii_labels(labels)
 
     def error(self, message: str, in_flight: np.ndarray) -> str:
-        shard, position = self.split.locate(np.asarray(in_flight, dtype=np.int64))
-        named = sorted({str(self.split.shards[s].tar) for s in shard.tolist()})
+        """Names the image(s) among ``in_flight`` (the batches DALI had in flight) that do not
+        decode when read again from their shards, as ``FileSource.error`` names files."""
+        bad = []
+        for sample in dict.fromkeys(np.asarray(in_flight, dtype=np.int64).tolist()):
+            shard, position = (int(v[0]) for v in self.split.locate(np.array([sample])))
+            fields = self.split.index_lines(shard)[position].split()
+            with open(self.split.shards[shard].tar, "rb") as tar:
+                tar.seek(int(fields[1]))
+                reason = check.check_bytes(tar.read(int(fields[2])))
+            if reason:
+                bad.append(f"  {self.split.shards[shard].tar}: {fields[3]} (image {position} of its index): {reason}")
+        head = (f"DALI could not decode {len(bad)} image(s) of the pack {self.split.root}:\n" + "\n".join(bad) + "\n"
+                if bad else f"DALI failed on the pack {self.split.root}, and the images of the batches in flight "
+                            f"all decode when read again, so the cause may be I/O or memory.\n")
         return (
-            f"DALI could not read or decode an image of the shard(s) {', '.join(named)}: "
-            f"{check._dali_reason(message)}. `imagenet-trainer pack` decodes every image before packing, so "
-            f"the shard is damaged or was not written by it: check it against manifest.json's sha256 "
-            f"(data.stage_to copies are checked at every job start), or re-run `imagenet-trainer pack`."
+            f"{head}The run stopped: DALI cannot skip a sample. `imagenet-trainer pack` decodes every image "
+            f"before packing, so a shard that fails was damaged later or not written by it: compare it with "
+            f"manifest.json's sha256 (data.stage_to copies are checked at every job start), or re-run "
+            f"`imagenet-trainer pack`. DALI said: {check._dali_reason(message)}"
         )
 
 

@@ -229,3 +229,34 @@ def test_a_manifest_that_is_not_one_is_refused_by_name(tmp_path, text, match):
     (tmp_path / "manifest.json").write_text(text)
     with pytest.raises(shards.ShardError, match=match):
         shards.read_manifest(tmp_path)
+
+
+def test_an_image_damaged_inside_a_shard_stops_every_backend_naming_the_shard(tiny_pack, tmp_path):
+    """pack decodes every image first, so this is a shard damaged afterwards (same size, bytes
+    zeroed): the error names the shard and says how to check or rebuild it, on DALI and torchvision."""
+    import shutil
+
+    from data_pipelines.torchvision_loader import build_val_loader
+
+    broken = tmp_path / "pack"
+    shutil.copytree(tiny_pack, broken)
+    split = shards.read_manifest(broken).val
+    fields = split.index_lines(0)[1].split()  # the shard's second image
+    with open(split.shards[0].tar, "r+b") as tar:
+        tar.seek(int(fields[1]))
+        tar.write(bytes(int(fields[2])))
+    victim = str(split.shards[0].tar)
+    with pytest.raises(RuntimeError, match=f"cannot decode image {victim} \\(image 1 of its index\\)"):
+        list(build_val_loader(split, None, batch_size=4, image_size=32, val_resize=36, num_workers=0,
+                              shard_id=0, num_shards=1))
+    skip_without_dali()
+    from data_pipelines.dali import DALILoader, PipelineOptions
+
+    loader = DALILoader(split, train=False, batch_size=4,
+                        options=PipelineOptions(image_size=32, val_resize=36, device="cpu", num_threads=1))
+    with pytest.raises(RuntimeError) as stopped:
+        list(loader)
+    message = str(stopped.value)
+    assert f"DALI could not decode 1 image(s) of the pack {broken}:\n  {victim}: {fields[3]} (image 1 of its index)" \
+        in message
+    assert "sha256" in message and "imagenet-trainer pack" in message
