@@ -65,6 +65,28 @@ def test_dali_gpu_validation_batches_equal_dali_cpu(tiny_root):
     assert (diff > 16 * one_level).float().mean() < 0.02, stats
 
 
+def test_dali_gpu_reads_a_pack_as_it_reads_the_same_files(tiny_root, tiny_pack):
+    """dali_gpu from tar shards (webdataset reader, mixed decoder): the validation batches equal
+    those from the same files bit for bit, labels parsed from ``.cls`` on the GPU, and a training
+    epoch yields full batches of the pack's labels."""
+    dali = _dali()
+    from data_pipelines import shards
+
+    manifest = shards.read_manifest(tiny_pack)
+    val = _split(tiny_root, "val")
+    options = dali.PipelineOptions(image_size=32, val_resize=36, num_threads=2, device="gpu", device_id=0)
+    got = _batches(dali.DALILoader(manifest.val, train=False, batch_size=8, options=options))
+    want = _batches(dali.DALILoader(val.files, val.labels, train=False, batch_size=8, options=options))
+    assert len(got) == len(want)
+    for (xa, ya), (xb, yb) in zip(got, want):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    loader = dali.DALILoader(manifest.train, train=True, batch_size=8, options=options)
+    batches = _batches(loader)
+    assert len(batches) == len(manifest.train) // 8 and all(x.shape == (8, 3, 32, 32) for x, _ in batches)
+    labels = torch.cat([y for _, y in batches])
+    assert labels.dtype == torch.int64 and set(labels.tolist()) <= set(range(len(manifest.classes)))
+
+
 def test_dali_cpu_batches_are_normalised_on_the_gpu_they_are_sent_to(tiny_root):
     """dali_cpu on a GPU run: uint8 pixels cross to the GPU and are normalised there, to the same
     values the CPU computes."""
