@@ -84,13 +84,19 @@ def test_fit_from_a_pack_learns_as_from_folders(sample_root, tmp_path):
 @pytest.mark.parametrize("source", ["folders", "pack"])
 @pytest.mark.parametrize("backend", ["torchvision", "dali_cpu"])
 def test_two_process_ddp_counts_every_val_image_once_and_matches_one_process(request, tmp_path, backend, source):
+    """From the tree, and from its pack; the pack on dali_cpu is staged to a "local" folder first,
+    by rank 0 (Lightning's launcher starts rank 1 later, as a child that waits for the copy)."""
     tiny_root = request.getfixturevalue("tiny_root" if source == "folders" else "tiny_pack")
+    staged = ["data.stage_to=" + str(tmp_path / "local")] if (source, backend) == ("pack", "dali_cpu") else []
     run_dir = tmp_path / "ddp"
     # 64 train images, 2 ranks x batch 6: 5 steps each (4 images left over); 20 val images, 10 per
     # rank: batches of 6 and 4 on each, so a padded last batch would count 24.
     proc = run_cli("fit", *CPU_FIT, f"data.root={tiny_root}", f"run.dir={run_dir}", "trainer.devices=2",
-                   "data.batch_size=6", "trainer.max_epochs=1", f"data.backend={backend}")
+                   "data.batch_size=6", "trainer.max_epochs=1", f"data.backend={backend}", *staged)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if staged:
+        assert proc.stderr.count("shards copied") == 1, proc.stderr[-3000:]
+        assert len(list((tmp_path / "local").glob("imagenet-trainer-*/*.tar"))) == len(list(tiny_root.glob("*.tar")))
     summary = _summary(run_dir)
     assert summary["world_size"] == 2
     assert summary["val/images"] == 20
