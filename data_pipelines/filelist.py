@@ -54,9 +54,6 @@ written on another node can take up to the attribute-cache time (up to a minute)
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -65,11 +62,11 @@ import socket
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import layout
+from . import files, layout
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +74,6 @@ _FORMAT = "imagenet-trainer file list v1"
 _RACY_SECONDS = 3.0
 LISTING_TIMEOUT = 1800.0  # seconds a waiter waits for the list (torch.distributed's default timeout)
 NODE_GRACE = 60.0  # seconds a node's first process looks for a lister sharing its cache folder
-# flock errors that mean "no locks on this filesystem" (Lustre without -o flock, some NFS mounts).
-_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 class ListingTimeout(TimeoutError):
@@ -381,35 +376,16 @@ def _remove_notes_of(path: Path) -> None:
         old.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def _locked(lock: Path, *, timeout: float, listing: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock`` (created if needed), waiting up to ``timeout``
-    seconds; on a filesystem without locks, go on without one (with a warning)."""
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        deadline, delay = time.monotonic() + timeout, 0.01
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise ListingTimeout(
-                        f"waited {timeout:.0f} s for the lock {lock}, held by another process listing "
-                        f"{listing} into the same cache folder; if that process is stuck, stop it (its "
-                        f"lock goes with it), or set data.filelist_cache=false"
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
-            except OSError as err:
-                if err.errno not in _NO_FLOCK:
-                    raise
-                warnings.warn(f"no file locks on the filesystem of {lock} ({err.strerror}): listing without one",
-                              stacklevel=3)
-                break
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+def _locked(lock: Path, *, timeout: float, listing: Path):
+    """Hold an exclusive ``flock`` on ``lock``, waiting up to ``timeout`` seconds; on a filesystem
+    without locks, go on without one (with a warning)."""
+    return files.exclusive_lock(
+        lock, timeout=timeout, without="listing without one",
+        on_timeout=lambda: ListingTimeout(
+            f"waited {timeout:.0f} s for the lock {lock}, held by another process listing "
+            f"{listing} into the same cache folder; if that process is stuck, stop it (its "
+            f"lock goes with it), or set data.filelist_cache=false"),
+    )
 
 
 # -- the file format ---------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from . import check, layout
+from . import check, files, layout
 from .shards import FORMAT, INDEX_VERSION, MANIFEST, SPLITS, VERSION
 
 DEFAULT_SHARD_SIZE = "512MB"
@@ -230,14 +230,6 @@ def _header(name: str, size: int) -> bytes:
     return info.tobuf(TAR_FORMAT, ENCODING, ERRORS)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
@@ -257,7 +249,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    files.fsync_dir(path.parent)
 
 
 def _sha256_file(path: Path) -> str:
@@ -339,7 +331,7 @@ def _write(shard: ShardPlan) -> dict:
     finally:
         tmp_tar.unlink(missing_ok=True)
         tmp_index.unlink(missing_ok=True)
-    _fsync_dir(out)
+    files.fsync_dir(out)
     record = {"plan": shard.digest, "tar": shard.tar, "index": shard.index, "images": len(shard.items),
               "bytes": pos, "sha256": digest.hexdigest(), "index_sha256": hashlib.sha256(index_text).hexdigest()}
     write_atomic(_record_path(shard), json.dumps(record, indent=1).encode())
@@ -418,7 +410,7 @@ def _clean(out: Path, counts: dict[str, int]) -> None:
                 os.unlink(entry.path)
             elif match and int(match.group(2)) >= counts[match.group(1)]:
                 os.unlink(entry.path)
-    _fsync_dir(out)
+    files.fsync_dir(out)
 
 
 # -- the whole pack ------------------------------------------------------------------------------

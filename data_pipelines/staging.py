@@ -67,11 +67,11 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import shards
+from . import files, shards
 from .filelist import LISTING_TIMEOUT, LaunchPosition, launch_position
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,6 @@ THREADS = 8  # shards copied or verified at once
 PREFIX = "imagenet-trainer-"
 _CHUNK = 8 << 20
 _OLD_MARKERS = 2 * 86400.0  # seconds after which other launches' markers are cleaned up
-_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 class StagingError(shards.ShardError):
@@ -277,7 +276,7 @@ def _stage(root: Path, manifest_bytes: bytes, places: _Places, *, threads: int) 
         dst = folder / rel
         if _read_bytes(dst) != data:
             _write_atomically(dst, data)
-    _fsync_dir(folder)
+    files.fsync_dir(folder)
     _write_atomically(folder / shards.MANIFEST, manifest_bytes)
     copied = [n for what, n in results if what == "copied"]
     stats = StageStats(len(copied), len(results) - len(copied), sum(copied), time.monotonic() - started)
@@ -445,32 +444,13 @@ def _lock_state(lock: Path) -> str:
 
 
 # -- files ---------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _locked(lock: Path, *, timeout: float, root: Path) -> Iterator[None]:
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        deadline, delay = time.monotonic() + timeout, 0.01
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise StagingTimeout(
-                        f"waited {timeout:.0f} s for the lock {lock}, held by another process staging {root} "
-                        f"on this node; if that process is stuck, stop it (its lock goes with it)"
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
-            except OSError as err:
-                if err.errno not in _NO_FLOCK:
-                    raise
-                warnings.warn(f"no file locks on the filesystem of {lock} ({err.strerror}): staging without one; "
-                              f"data.stage_to should be a node-local disk", stacklevel=4)
-                break
-        yield
-    finally:
-        os.close(fd)
+def _locked(lock: Path, *, timeout: float, root: Path):
+    return files.exclusive_lock(
+        lock, timeout=timeout, without="staging without one; data.stage_to should be a node-local disk",
+        on_timeout=lambda: StagingTimeout(
+            f"waited {timeout:.0f} s for the lock {lock}, held by another process staging {root} "
+            f"on this node; if that process is stuck, stop it (its lock goes with it)"),
+    )
 
 
 def _sha256_of(path: Path, stop: threading.Event) -> str | None:
@@ -520,15 +500,6 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _remove_temporaries(folder: Path) -> None:
