@@ -5,6 +5,7 @@ cores, producing the same output, and against the bound of a random-crop pipelin
     python bench/data_throughput.py --root /data/imagenet --images 4096 --threads 16
     python bench/data_throughput.py --stages             # CPU cost of each dali_cpu stage
     python bench/data_throughput.py --filelist-bench     # start-up cost of a 1.28M-line file list
+    python bench/data_throughput.py --pack               # + the same images read from a pack of shards
 
 Fairness: the benchmark pins itself (and so every DALI thread and every torchvision worker it
 starts) to the same ``--threads`` CPU cores with ``sched_setaffinity``, and sets
@@ -21,6 +22,21 @@ random-crop ROI decode alone: a random-resized-crop pipeline decodes only the cr
 so full-image decode is not a ceiling. After one warm-up epoch each, the backends take turns,
 one epoch at a time, for ``--rounds`` rounds; the table shows the best and the median round.
 Prints a markdown table; results with their machine belong in bench/RESULTS.md.
+
+``--pack``: files against tar shards. The same images are packed once (``data_pipelines.pack.pack``,
+``--shard-size``, default 64MB, so that there are several shards) into a temporary folder beside
+the tree, and the four loader rows (dali_cpu and torchvision, uint8 and float32) run again reading
+the pack, on the same cores, with the same output and the same images per epoch. An epoch of the
+file rows reads each of the ``--images`` files ``--repeat`` times; the pack holds each image
+``--repeat`` times too (hard links under ``<stem>_r<k>`` in a link tree that is packed, plus one val
+image per class, which ``pack`` needs), so that one epoch of the pack, read in its own order
+(:mod:`data_pipelines.shards`: shards permuted, each shuffled within), feeds the same images the
+same number of times. The shard rows read as training reads a pack: dali_cpu through
+``DALILoader(split)`` (``fn.readers.webdataset``, per-epoch index files written by
+``shards.write_reader_indices``: part of each timed epoch), torchvision through
+``ShardImages`` (one ``pread`` per image at the index's offsets) in the pack's order. A second
+table gives shards / files per backend. With ``--root`` the picked images' class folders are the
+pack's classes (labels may be numbered differently; the images and their count are the same).
 """
 from __future__ import annotations
 
@@ -35,7 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_pipelines import filelist, layout, photos  # noqa: E402
+from data_pipelines import filelist, layout, photos, shards  # noqa: E402
 
 
 def generate(root: Path, num_images: int, num_classes: int = 8, seed: int = 0) -> None:
@@ -135,23 +151,91 @@ def dali_loader(files, labels, threads, batch, prefetch: int, output_device: str
     return _images_per_epoch(loader)
 
 
+def _torchvision_transform(uint8: bool):
+    from torchvision import transforms
+
+    from data_pipelines.torchvision_loader import train_transform
+
+    transform = train_transform(224)
+    if uint8:
+        transform = transforms.Compose([*transform.transforms[:2], transforms.PILToTensor()])
+    return transform
+
+
 def torchvision_loader(files, labels, workers, batch, *, uint8: bool):
     """Pillow decode + RandomResizedCrop(224) + flip in ``workers`` DataLoader worker processes,
     as the torchvision backend trains: to uint8 (``PILToTensor``) or to normalised float32
     (``ToTensor`` + ``Normalize``, the backend's own transform)."""
     import torch
-    from torchvision import transforms
 
-    from data_pipelines.torchvision_loader import FileImages, ImageFiles, train_transform
+    from data_pipelines.torchvision_loader import FileImages, ImageFiles
 
-    transform = train_transform(224)
-    if uint8:
-        transform = transforms.Compose([*transform.transforms[:2], transforms.PILToTensor()])
     loader = torch.utils.data.DataLoader(
-        ImageFiles(FileImages(files, labels), transform), batch_size=batch, shuffle=True, num_workers=workers,
-        drop_last=True, persistent_workers=workers > 0,
+        ImageFiles(FileImages(files, labels), _torchvision_transform(uint8)), batch_size=batch, shuffle=True,
+        num_workers=workers, drop_last=True, persistent_workers=workers > 0,
     )
     return _images_per_epoch(loader)
+
+
+def torchvision_pack_loader(split: shards.ShardSplit, workers, batch, *, uint8: bool):
+    """:func:`torchvision_loader` reading a pack's split as the torchvision backend does
+    (``ShardImages``: a ``pread`` at the index's offsets, tars kept open in each worker), in the
+    pack's training order (``shards.train_ids``), a new epoch's order each epoch."""
+    import functools
+
+    import torch
+
+    from data_pipelines.sharding import EpochSampler
+    from data_pipelines.torchvision_loader import ImageFiles, ShardImages
+
+    sampler = EpochSampler(len(split), seed=0, shard_id=0, num_shards=1, batch_size=batch,
+                           order=functools.partial(shards.train_ids, split))
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(ShardImages(split), _torchvision_transform(uint8)), batch_size=batch, sampler=sampler,
+        num_workers=workers, drop_last=True, persistent_workers=workers > 0,
+    )
+    run = _images_per_epoch(loader)
+
+    def epoch() -> int:
+        n = run()
+        sampler.set_epoch(sampler.epoch + 1)
+        return n
+
+    return epoch
+
+
+def pack_images(files: list[str], repeat: int, work: Path, shard_size: str, workers: int) -> shards.ShardSplit:
+    """Pack ``files``, each ``repeat`` times, into ``work/pack`` (through a tree of hard links,
+    ``work/pack-src``); returns the pack's train split."""
+    from data_pipelines.pack import pack
+
+    src = work / "pack-src"
+
+    def link(source: str, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:  # another filesystem
+            import shutil
+
+            shutil.copyfile(source, target)
+
+    val_done: set[str] = set()
+    for f in files:
+        path = Path(f)
+        for k in range(repeat):
+            link(f, src / "train" / path.parent.name / f"{path.stem}_r{k}{path.suffix}")
+        if path.parent.name not in val_done:  # pack needs val/: one image per class
+            val_done.add(path.parent.name)
+            link(f, src / "val" / path.parent.name / path.name)
+    start = time.perf_counter()
+    result = pack(src, work / "pack", shard_size=shard_size, workers=workers, progress=False)
+    if not result.ok:
+        sys.exit(f"pack: {len(result.bad)} bad images, e.g. {result.bad[0]}")
+    split = shards.read_manifest(work / "pack").train
+    print(f"packed {len(split)} train images into {len(split.shards)} shard(s) of at most {shard_size} "
+          f"({result.bytes / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return split
 
 
 def stages(files, labels, threads, batch, prefetch: int) -> list[tuple[str, float, float]]:
@@ -230,6 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", action="store_true", help="also try other prefetch depths and worker counts")
     parser.add_argument("--stages", action="store_true", help="only time the dali_cpu stages (CPU ms per image)")
     parser.add_argument("--filelist-bench", action="store_true", help="only time a 1.28M-line file list")
+    parser.add_argument("--pack", action="store_true",
+                        help="also read the same images from a pack of tar shards (files vs shards)")
+    parser.add_argument("--shard-size", default="64MB", help="--pack: shard size (default 64MB)")
     args = parser.parse_args(argv)
 
     if args.filelist_bench:
@@ -290,32 +377,64 @@ def main(argv: list[str] | None = None) -> None:
             backends.append(("torchvision, ToTensor + Normalize", "float32", f"{2 * t} workers",
                              torchvision_loader(files, labels, 2 * t, b, uint8=False)))
 
+        # Files or shards: which source each row reads (shards only with --pack).
+        sources = ["files"] * len(backends)
+        if args.pack:
+            split = pack_images(files[: len(files) // args.repeat], args.repeat, Path(tmp), args.shard_size, t)
+            if len(split) != len(files):
+                sys.exit(f"the pack holds {len(split)} train images, an epoch of files reads {len(files)}")
+            backends += [
+                (f"**dali_cpu** train loader, prefetch {p}, pack", "uint8", f"{t} DALI + {t} resize",
+                 dali_loader(split, None, t, b, p, output_device=None)),
+                ("torchvision, PILToTensor, pack", "uint8", f"{t} workers",
+                 torchvision_pack_loader(split, t, b, uint8=True)),
+                (f"**dali_cpu** train loader, normalised on this CPU, prefetch {p}, pack", "float32",
+                 f"{t} DALI + {t} resize", dali_loader(split, None, t, b, p)),
+                ("torchvision, ToTensor + Normalize, pack", "float32", f"{t} workers",
+                 torchvision_pack_loader(split, t, b, uint8=False)),
+            ]
+            sources += ["shards"] * 4
+            setting += f"; pack: {len(split.shards)} shards of at most {args.shard_size}"
+
         # One warm-up epoch each, then rounds that time every backend once, so that load from
         # other processes falls on all of them alike; the best round is the least disturbed.
-        for *_, run_epoch in backends:
-            run_epoch()
+        counts = [run_epoch() for *_, run_epoch in backends]
+        if args.pack and len(set(counts[2:])) != 1:  # every loader row: the same images per epoch
+            sys.exit(f"images per epoch differ between the loader rows: {counts}")
         rates: list[list[float]] = [[] for _ in backends]
         for _ in range(args.rounds):
             for i, (*_, run_epoch) in enumerate(backends):
                 rates[i].append(_rate(run_epoch))
 
     bound = max(rates[0])
-    # torchvision's best row per output is the baseline dali_cpu is compared with.
-    baseline: dict[str, float] = {}
-    for (name, output, _, _), r in zip(backends, rates):
+    # torchvision's best row per output (and source) is the baseline dali_cpu is compared with.
+    baseline: dict[tuple[str, str], float] = {}
+    for (name, output, _, _), source, r in zip(backends, sources, rates):
         if name.startswith("torchvision"):
-            baseline[output] = max(baseline.get(output, 0.0), max(r))
+            baseline[output, source] = max(baseline.get((output, source), 0.0), max(r))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\n{setting}; best and median of {args.rounds} interleaved epochs; load average {load:.2f} at the end\n")
     print(
         "| backend | output | threads | img/s (best) | img/s (median) | % of bound (best) | x torchvision, same output (best) |\n"
         "|---|---|---|---|---|---|---|"
     )
-    for (name, output, threads, _), r in zip(backends, rates):
-        versus = f"{max(r) / baseline[output]:.2f}" if output in baseline else "-"
+    for (name, output, threads, _), source, r in zip(backends, sources, rates):
+        key = (output, source)
+        versus = f"{max(r) / baseline[key]:.2f}" if key in baseline else "-"
         print(
             f"| {name} | {output} | {threads} | {max(r):.0f} | {np.median(r):.0f} | {100 * max(r) / bound:.0f}% | {versus} |"
         )
+    if args.pack:
+        # Each pack row against the file row of the same backend and output (the same row order).
+        files_rows = [(b, r) for b, s, r in zip(backends, sources, rates) if s == "files"][2:6]
+        pack_rows = [(b, r) for b, s, r in zip(backends, sources, rates) if s == "shards"]
+        print(f"\nfiles vs shards: the same {len(files)} images per epoch, same cores, same output\n")
+        print("| backend | output | threads | files img/s (best) | shards img/s (best) | shards / files (best) | "
+              "files img/s (median) | shards img/s (median) | shards / files (median) |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+        for ((name, output, threads, _), rf), (_, rs) in zip(files_rows, pack_rows):
+            print(f"| {name} | {output} | {threads} | {max(rf):.0f} | {max(rs):.0f} | {max(rs) / max(rf):.2f} | "
+                  f"{np.median(rf):.0f} | {np.median(rs):.0f} | {np.median(rs) / np.median(rf):.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Start-up time: from process start to the first training batch, on an ImageNet-sized file list.
+"""Start-up time: from process start to the first training batch, on an ImageNet-sized file list
+or (``--pack``) an ImageNet-sized pack of tar shards.
 
     python bench/startup.py                       # 1 and 8 processes, 3 rounds each
     python bench/startup.py --procs 1 8 64 --rounds 5 --threads 4
+    python bench/startup.py --pack                # a manifest of 1,281,167 + 50,000 images instead
 
 Each process is started as rank r of N (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, one shared
 cache folder), all N together, and runs what a training rank runs before its first step:
@@ -22,6 +24,24 @@ launcher sees them, split into imports, file lists (``splits``) and loader + fir
 CPU seconds the process used by then (all its threads), which is what one rank costs when it has
 cores of its own. Prints a markdown table (median and max over every process of every round);
 results with their machine belong in bench/RESULTS.md.
+
+``--pack``: the same, reading a pack (:mod:`data_pipelines.shards`) through
+``ImageNetDataModule(root=PACK, backend="dali_cpu")``: ``splits`` reads and checks its
+``manifest.json`` (every shard's tar and index stat'ed), the loader writes this rank's per-epoch
+reader indices (``shards.write_reader_indices``) and DALI's webdataset reader parses them when the
+pipeline is built. This bench **generates the indices, not the 140 GB of images**:
+``--lines`` / ``--per-shard`` train shards (1,281 for ImageNet: 167 of 1,001 images, 1,114 of
+1,000) and ``--val-lines`` / ``--per-shard`` val shards (50 of 1,000), each a real GNU tar of
+``--members`` (8) real JPEGs (500x375, quality 90, ``photos.photo``: 16 distinct photos, 8 to a
+tar, about 0.65 MB a tar) and their ``.cls`` members, whose index lists ``--per-shard`` samples,
+each line with a key of its own (``n<class>/n<class>_<sample id>``, ImageNet's key length) and
+the offsets and sizes of the tar's members taken in turn (sample i is member i % 8). The
+``manifest.json`` has the true counts, each tar's true size and sha256, 1,000 classes. So every
+index line DALI parses, every file opened or stat'ed and every image decoded for the first batch is
+real; what differs from ImageNet's 512 MB shards is only the bytes never read before the first
+batch (and offsets of 6 digits, not 9: 3 bytes a line shorter). ``--pack`` also times the parts of
+"loader + first batch" inside the rank: the epoch's order (``shards.train_ids``), writing the
+reader indices, building the DALI pipeline (its index parsing) and the first batch itself.
 """
 from __future__ import annotations
 
@@ -39,6 +59,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 IMAGE_SIZE, VAL_RESIZE, SEED = 224, 256, 0
+PACK_PHOTOS = 16  # distinct generated JPEGs, shared out over the generated shards
 BATCHES_WITH_FILES = 6  # first batch, DALI's prefetch (2) and its reader's read-ahead, plus margin
 
 
@@ -100,10 +121,107 @@ def prepare(work: Path, args) -> Path:
     return root
 
 
+# -- the generated pack ------------------------------------------------------------------------
+def _tar_member(name: str, data: bytes) -> bytes:
+    """A GNU tar member: header, data, zeros to the 512-byte block (as ``pack`` writes them)."""
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    return info.tobuf(tarfile.GNU_FORMAT) + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+def _pack_shard(out: Path, name: str, first: int, count: int, jpegs: list[bytes], labels: list[int],
+                classes: list[str]) -> dict:
+    """``out/name.tar`` with the JPEGs ``jpegs`` (labels ``labels``) and ``out/name.idx`` listing
+    ``count`` samples, ids ``first`` on, each a key of its own pointing at member ``i % len(jpegs)``;
+    returns the manifest's entry."""
+    import hashlib
+    import tarfile
+
+    from data_pipelines.shards import INDEX_VERSION
+
+    body, members = bytearray(), []
+    for j, (data, label) in enumerate(zip(jpegs, labels)):
+        key = f"{classes[label]}/{classes[label]}_{first + j}"
+        entry = []
+        for ext, payload in (("jpg", data), ("cls", str(label).encode())):
+            body += _tar_member(f"{key}.{ext}", payload)
+            # Names are under 100 bytes: one header block before the data.
+            entry.append((len(body) - tarfile.BLOCKSIZE * 0 - len(payload) - (-len(payload) % tarfile.BLOCKSIZE),
+                          len(payload)))
+        members.append((label, entry))
+    body += bytes(2 * tarfile.BLOCKSIZE)
+    body += bytes(-len(body) % tarfile.RECORDSIZE)
+    lines = [f"{INDEX_VERSION} {count}"]
+    for i in range(count):
+        label, ((jpg_off, jpg_size), (cls_off, cls_size)) = members[i % len(members)]
+        key = f"{classes[label]}/{classes[label]}_{first + i}"
+        lines.append(f"jpg {jpg_off} {jpg_size} {key}.jpg cls {cls_off} {cls_size} {key}.cls")
+    (out / f"{name}.tar").write_bytes(body)
+    (out / f"{name}.idx").write_text("\n".join(lines) + "\n")
+    return {"tar": f"{name}.tar", "index": f"{name}.idx", "images": count, "bytes": len(body),
+            "sha256": hashlib.sha256(body).hexdigest()}
+
+
+def prepare_pack(work: Path, args) -> Path:
+    """A pack describing ``args.lines`` train and ``args.val_lines`` val images (module
+    docstring: real tars of ``args.members`` JPEGs, indices of ``args.per_shard`` lines); returns
+    its folder."""
+    import io
+
+    import numpy as np
+
+    from data_pipelines import photos
+    from data_pipelines.shards import FORMAT, MANIFEST, VERSION
+
+    start = time.perf_counter()
+    jpegs = []
+    for i in range(PACK_PHOTOS):
+        buffer = io.BytesIO()
+        photos.photo(np.random.default_rng([SEED, i]), 500, 375).save(buffer, "JPEG", quality=90)
+        jpegs.append(buffer.getvalue())
+    out = work / "pack"
+    out.mkdir()
+    classes = [f"n{c:08d}" for c in range(args.classes)]
+    splits, tar_bytes = {}, 0
+    for split, total in (("train", args.lines), ("val", args.val_lines)):
+        count = max(1, total // args.per_shard)
+        entries, first = [], 0
+        for s in range(count):
+            n = total // count + (s < total % count)
+            pick = [(s * args.members + j) % PACK_PHOTOS for j in range(min(args.members, n))]
+            labels = [(s * args.members + j) % len(classes) for j in range(len(pick))]
+            entries.append(_pack_shard(out, f"{split}-{s:06d}", first, n, [jpegs[k] for k in pick], labels,
+                                       classes))
+            first += n
+        splits[split] = {"images": first, "shards": entries}
+        tar_bytes += sum(e["bytes"] for e in entries)
+    manifest = {"format": FORMAT, "version": VERSION, "classes": classes, "source_root": "(generated by "
+                "bench/startup.py --pack)", "seed": SEED, "shard_size": 512_000_000, "splits": splits, "skipped": []}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    print(f"generated a pack of {splits['train']['images']:,} + {splits['val']['images']:,} indexed images in "
+          f"{len(splits['train']['shards']):,} + {len(splits['val']['shards']):,} shards ({tar_bytes / 1e6:.0f} MB "
+          f"of tar, {args.members} JPEGs a tar) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return out
+
+
 # -- one rank -------------------------------------------------------------------------------
+def _timed(parts: dict[str, float], name: str, func):
+    """``func``, adding its wall seconds to ``parts[name]`` at each call."""
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            parts[name] = parts.get(name, 0.0) + time.perf_counter() - start
+
+    return timed
+
+
 def rank_main(root: str, batch_size: int, threads: int) -> None:
     """What a training rank runs before its first step; prints when each part ended (epoch s)."""
-    from data_pipelines import layout
+    from data_pipelines import layout, shards
     from data_pipelines.dali import DALILoader, PipelineOptions
     from data_pipelines.datamodule import ImageNetDataModule
 
@@ -113,6 +231,11 @@ def rank_main(root: str, batch_size: int, threads: int) -> None:
         raise AssertionError("listed the tree: the bench measures reading the cached list")
 
     layout.scan_split = no_scan
+    parts: dict[str, float] = {}
+    if shards.is_sharded(root):  # the parts of "loader + first batch", for a pack
+        shards.train_ids = _timed(parts, "order", shards.train_ids)
+        shards.write_reader_indices = _timed(parts, "indices", shards.write_reader_indices)
+        DALILoader._build = _timed(parts, "build", DALILoader._build)  # noqa: SLF001 - includes "indices"
     dm = ImageNetDataModule(root=root, backend="dali_cpu", on_gpu=False, batch_size=batch_size,
                             image_size=IMAGE_SIZE, val_resize=VAL_RESIZE, num_workers=threads, seed=SEED)
     train, _ = dm.splits
@@ -121,14 +244,18 @@ def rank_main(root: str, batch_size: int, threads: int) -> None:
     # The arguments ImageNetDataModule passes on a CPU run (dali_cpu, normalised on this CPU).
     options = PipelineOptions(image_size=IMAGE_SIZE, val_resize=VAL_RESIZE, device="cpu", num_threads=threads,
                               output_device="cpu")
-    loader = DALILoader(train.files, train.labels, train=True, batch_size=batch_size, shard_id=rank,
-                        num_shards=world, seed=SEED, options=options)
+    if isinstance(train, shards.ShardSplit):
+        loader = DALILoader(train, None, train=True, batch_size=batch_size, shard_id=rank, num_shards=world,
+                            seed=SEED, options=options)
+    else:
+        loader = DALILoader(train.files, train.labels, train=True, batch_size=batch_size, shard_id=rank,
+                            num_shards=world, seed=SEED, options=options)
     images, _ = next(iter(loader))
     assert tuple(images.shape) == (batch_size, 3, IMAGE_SIZE, IMAGE_SIZE)
     marks = {"imported": imported, "listed": listed, "first_batch": time.time()}
     # CPU seconds of the whole process (DALI's threads included) since it started: on a box with
     # fewer cores than ranks, wall time measures the contention, this the work of one rank.
-    print(json.dumps({**marks, "cpu": time.process_time()}), flush=True)
+    print(json.dumps({**marks, "cpu": time.process_time(), "parts": parts}), flush=True)
     os._exit(0)  # the loader's threads and later batches are not part of start-up
 
 
@@ -150,9 +277,23 @@ def start_together(root: Path, world: int, args) -> list[dict[str, float]]:
         if proc.returncode != 0:
             raise RuntimeError(f"a rank of {world} exited with {proc.returncode}")
         marks = json.loads(out.strip().splitlines()[-1])
-        cpu = marks.pop("cpu")
-        times.append({**{k: v - t0 for k, v in marks.items()}, "cpu": cpu})
+        cpu, parts = marks.pop("cpu"), marks.pop("parts", {})
+        times.append({**{k: v - t0 for k, v in marks.items()}, "cpu": cpu, "parts": parts})
     return times
+
+
+def parts_summary(world: int, runs: list[dict]) -> str:
+    """The parts of "loader + first batch" (medians): order, reader indices, pipeline build
+    without them, first batch (the rest)."""
+    def part(name: str) -> float:
+        return statistics.median(r["parts"].get(name, 0.0) for r in runs)
+
+    loader = statistics.median(r["first_batch"] - r["listed"] for r in runs)
+    build = part("build") - part("indices")
+    rest = statistics.median(r["first_batch"] - r["listed"] - r["parts"].get("order", 0.0)
+                             - r["parts"].get("build", 0.0) for r in runs)
+    return (f"| {world} | {loader:.2f} s | {part('order'):.2f} s | {part('indices'):.2f} s | {build:.2f} s | "
+            f"{rest:.2f} s |")
 
 
 def summary(world: int, runs: list[dict[str, float]]) -> str:
@@ -174,22 +315,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=256, help="per rank")
     parser.add_argument("--threads", type=int, default=2, help="DALI threads per rank")
+    parser.add_argument("--pack", action="store_true", help="read a generated pack of tar shards (docstring)")
+    parser.add_argument("--per-shard", type=int, default=1000, help="--pack: images listed per shard index")
+    parser.add_argument("--members", type=int, default=8, help="--pack: real JPEGs per shard tar")
     parser.add_argument("--rank-of", metavar="ROOT", help=argparse.SUPPRESS)  # a started rank
     args = parser.parse_args(argv)
     if args.rank_of:
         return rank_main(args.rank_of, args.batch_size, args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = prepare(Path(tmp), args)
+        root = prepare_pack(Path(tmp), args) if args.pack else prepare(Path(tmp), args)
         results: dict[int, list[dict[str, float]]] = {w: [] for w in args.procs}
         for _ in range(args.rounds):  # interleaved, so that a busy spell hits every row
             for world in args.procs:
                 results[world] += start_together(root, world, args)
+    lists = "manifest" if args.pack else "file lists"
     print(f"| processes | first batch (median) | first batch (max) | imports (median) | "
-          f"file lists (median) | loader + first batch (median) | CPU s per process (median) |")
+          f"{lists} (median) | loader + first batch (median) | CPU s per process (median) |")
     print("|---|---|---|---|---|---|---|")
     for world in args.procs:
         print(summary(world, results[world]))
+    if args.pack:
+        print("\nloader + first batch, its parts (medians, wall s in the rank):\n")
+        print("| processes | loader + first batch | epoch order (`shards.train_ids`) | reader indices "
+              "(`write_reader_indices`) | pipeline build (DALI parses the indices) | first batch (read, decode, "
+              "resize, normalise) |")
+        print("|---|---|---|---|---|---|")
+        for world in args.procs:
+            print(parts_summary(world, results[world]))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 from . import check, files, layout
 from .shards import FORMAT, INDEX_VERSION, MANIFEST, SPLITS, VERSION
 
@@ -484,8 +486,6 @@ def pack(
     val_items = _items(val, bad_paths)
     if not train_items:
         raise PackError(f"no train image of {root} decodes: nothing to pack")
-    import numpy as np
-
     order = np.random.default_rng(seed).permutation(len(train_items))
     train_items = [train_items[i] for i in order]
     plan = {"train": cut_shards(out, "train", train_items, size), "val": cut_shards(out, "val", val_items, size)}
