@@ -4,6 +4,7 @@ or (``--pack``) an ImageNet-sized pack of tar shards.
     python bench/startup.py                       # 1 and 8 processes, 3 rounds each
     python bench/startup.py --procs 1 8 64 --rounds 5 --threads 4
     python bench/startup.py --pack                # a manifest of 1,281,167 + 50,000 images instead
+    python bench/startup.py --pack --rank0-only   # only rank 0 of each N: one rank with cores to itself
 
 Each process is started as rank r of N (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, one shared
 cache folder), all N together, and runs what a training rank runs before its first step:
@@ -146,10 +147,8 @@ def _pack_shard(out: Path, name: str, first: int, count: int, jpegs: list[bytes]
         key = f"{classes[label]}/{classes[label]}_{first + j}"
         entry = []
         for ext, payload in (("jpg", data), ("cls", str(label).encode())):
+            entry.append((len(body) + tarfile.BLOCKSIZE, len(payload)))  # names under 100 bytes: one header block
             body += _tar_member(f"{key}.{ext}", payload)
-            # Names are under 100 bytes: one header block before the data.
-            entry.append((len(body) - tarfile.BLOCKSIZE * 0 - len(payload) - (-len(payload) % tarfile.BLOCKSIZE),
-                          len(payload)))
         members.append((label, entry))
     body += bytes(2 * tarfile.BLOCKSIZE)
     body += bytes(-len(body) % tarfile.RECORDSIZE)
@@ -256,16 +255,20 @@ def rank_main(root: str, batch_size: int, threads: int) -> None:
     # CPU seconds of the whole process (DALI's threads included) since it started: on a box with
     # fewer cores than ranks, wall time measures the contention, this the work of one rank.
     print(json.dumps({**marks, "cpu": time.process_time(), "parts": parts}), flush=True)
+    folder = getattr(loader.source, "_folder", None)  # a pack's reader indices (115 MB for one rank)
+    if folder is not None:
+        folder.cleanup()  # os._exit skips the TemporaryDirectory's own cleanup
     os._exit(0)  # the loader's threads and later batches are not part of start-up
 
 
 # -- the launcher ------------------------------------------------------------------------------
 def start_together(root: Path, world: int, args) -> list[dict[str, float]]:
-    """Start ``world`` ranks at once; seconds from each one's start to its milestones."""
+    """Start ``world`` ranks at once (only rank 0 of them with ``args.rank0_only``); seconds from
+    each one's start to its milestones."""
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "SLURM_LOCALID")}
     base.update(XDG_CACHE_HOME=str(root.parent / "xdg"), WORLD_SIZE=str(world), PYTHONWARNINGS="ignore")
     started, procs = [], []
-    for rank in range(world):
+    for rank in range(1 if getattr(args, "rank0_only", False) else world):
         env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
         cmd = [sys.executable, __file__, "--rank-of", str(root), "--batch-size", str(args.batch_size),
                "--threads", str(args.threads)]
@@ -282,7 +285,7 @@ def start_together(root: Path, world: int, args) -> list[dict[str, float]]:
     return times
 
 
-def parts_summary(world: int, runs: list[dict]) -> str:
+def parts_summary(world: int | str, runs: list[dict]) -> str:
     """The parts of "loader + first batch" (medians): order, reader indices, pipeline build
     without them, first batch (the rest)."""
     def part(name: str) -> float:
@@ -296,13 +299,13 @@ def parts_summary(world: int, runs: list[dict]) -> str:
             f"{rest:.2f} s |")
 
 
-def summary(world: int, runs: list[dict[str, float]]) -> str:
+def summary(world: int | str, runs: list[dict[str, float]], digits: int = 1) -> str:
     first = [r["first_batch"] for r in runs]
     imports = statistics.median(r["imported"] for r in runs)
     listing = statistics.median(r["listed"] - r["imported"] for r in runs)
     loader = statistics.median(r["first_batch"] - r["listed"] for r in runs)
     cpu = statistics.median(r["cpu"] for r in runs)
-    return (f"| {world} | {statistics.median(first):.1f} s | {max(first):.1f} s | {imports:.1f} s | "
+    return (f"| {world} | {statistics.median(first):.{digits}f} s | {max(first):.{digits}f} s | {imports:.{digits}f} s | "
             f"{listing:.2f} s | {loader:.2f} s | {cpu:.1f} s |")
 
 
@@ -318,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pack", action="store_true", help="read a generated pack of tar shards (docstring)")
     parser.add_argument("--per-shard", type=int, default=1000, help="--pack: images listed per shard index")
     parser.add_argument("--members", type=int, default=8, help="--pack: real JPEGs per shard tar")
+    parser.add_argument("--rank0-only", action="store_true",
+                        help="start only rank 0 of each N: one rank's start-up when it has the cores to itself")
     parser.add_argument("--rank-of", metavar="ROOT", help=argparse.SUPPRESS)  # a started rank
     args = parser.parse_args(argv)
     if args.rank_of:
@@ -333,8 +338,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| processes | first batch (median) | first batch (max) | imports (median) | "
           f"{lists} (median) | loader + first batch (median) | CPU s per process (median) |")
     print("|---|---|---|---|---|---|---|")
+    label = (lambda world: f"rank 0 of {world}") if args.rank0_only else (lambda world: world)
     for world in args.procs:
-        print(summary(world, results[world]))
+        print(summary(label(world), results[world], 2 if args.pack else 1))
     if args.pack:
         print("\nloader + first batch, its parts (medians, wall s in the rank):\n")
         print("| processes | loader + first batch | epoch order (`shards.train_ids`) | reader indices "
@@ -342,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
               "resize, normalise) |")
         print("|---|---|---|---|---|---|")
         for world in args.procs:
-            print(parts_summary(world, results[world]))
+            print(parts_summary(label(world), results[world]))
 
 
 if __name__ == "__main__":

@@ -260,3 +260,19 @@ def test_an_image_damaged_inside_a_shard_stops_every_backend_naming_the_shard(ti
     assert f"DALI could not decode 1 image(s) of the pack {broken}:\n  {victim}: {fields[3]} (image 1 of its index)" \
         in message
     assert "sha256" in message and "imagenet-trainer pack" in message
+
+
+def test_reader_index_folders_of_dead_processes_are_removed(tmp_path):
+    """A rank killed by SIGKILL cannot remove its folder of reader indices; the next loader's does."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = tmp_path / f"{shards.INDEX_FOLDER_PREFIX}{int(dead.stdout)}-train-abc"
+    gone.mkdir()
+    (gone / "000000-train-000000.idx").write_text("v1.2 0\n")
+    mine = shards.index_folder("train", parent=tmp_path)
+    other = shards.index_folder("val", parent=tmp_path)  # a live process's (this one's) stays
+    assert not gone.exists() and Path(mine.name).is_dir() and Path(other.name).is_dir()
+    mine.cleanup()
+    assert not Path(mine.name).exists()
