@@ -171,7 +171,12 @@ def check_tree(root: str | os.PathLike, num_workers: int | None = None, *, progr
 def main(root: str | os.PathLike, num_workers: int | None = None) -> int:
     """The ``check-data`` verb: one line per bad file (``path: reason``) on stdout, a summary on
     stderr; returns 0 when every image decodes, 1 when some do not, 2 when the tree is not an
-    ImageNet layout."""
+    ImageNet layout. ``root`` a pack (``imagenet-trainer pack``'s output): every shard is checked
+    against the manifest instead (present, its size, its sha256), since pack decoded each image."""
+    from . import shards
+
+    if shards.is_sharded(root):
+        return _check_pack(root, num_workers)
     try:
         train, val = layout.scan_dataset(root)
     except layout.DataLayoutError as err:
@@ -196,6 +201,28 @@ def main(root: str | os.PathLike, num_workers: int | None = None) -> int:
         )
         return 1
     print(f"check-data: all {len(files)} images decode", file=sys.stderr)
+    return 0
+
+
+def _check_pack(root: str | os.PathLike, num_workers: int | None) -> int:
+    from . import shards
+
+    try:
+        manifest = shards.read_manifest(root)
+    except shards.ShardError as err:
+        print(f"check-data: {err}", file=sys.stderr)
+        return 1 if (Path(root) / shards.MANIFEST).is_file() else 2
+    every = manifest.shards()
+    print(f"check-data: {root} is a pack of {len(every)} shards ({len(manifest.train)} train, {len(manifest.val)} val "
+          f"images); checking each shard's sha256 against manifest.json (pack decoded every image)", file=sys.stderr)
+    bad = shards.verify(manifest, default_workers() if num_workers is None else num_workers)
+    for path, reason in bad:
+        print(f"{path}: {reason}")
+    if bad:
+        print(f"check-data: {len(bad)} of {len(every)} shards are damaged; copy them again from a good copy, or "
+              f"re-run `imagenet-trainer pack` (it rewrites shards that do not match their records)", file=sys.stderr)
+        return 1
+    print(f"check-data: all {len(every)} shards match the manifest", file=sys.stderr)
     return 0
 
 

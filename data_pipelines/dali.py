@@ -216,9 +216,10 @@ class ShardSource:
                             f"all decode when read again, so the cause may be I/O or memory.\n")
         return (
             f"{head}The run stopped: DALI cannot skip a sample. `imagenet-trainer pack` decodes every image "
-            f"before packing, so a shard that fails was damaged later or not written by it: compare it with "
-            f"manifest.json's sha256 (data.stage_to copies are checked at every job start), or re-run "
-            f"`imagenet-trainer pack`. DALI said: {check._dali_reason(message)}"
+            f"before packing, so a shard that fails was damaged later or not written by it: "
+            f"`imagenet-trainer check-data {self.split.root}` checks every shard against manifest.json's sha256 "
+            f"(data.stage_to copies are checked at every job start); re-run `imagenet-trainer pack` to rewrite "
+            f"damaged shards. DALI said: {check._dali_reason(message)}"
         )
 
 

@@ -1,9 +1,11 @@
-"""Small file-system primitives the data modules share: a waiting ``flock`` and a folder fsync."""
+"""Small file-system primitives the data modules share: a waiting ``flock``, a folder fsync, a
+file's sha256."""
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import time
 import warnings
@@ -51,3 +53,12 @@ def fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def sha256_of(path: Path, chunk: int = 8 << 20) -> str:
+    """The hex sha256 of the file ``path``, read in ``chunk``-byte pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

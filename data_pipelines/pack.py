@@ -254,14 +254,6 @@ def write_atomic(path: Path, data: bytes) -> None:
     files.fsync_dir(path.parent)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _record_path(shard: ShardPlan) -> Path:
     return Path(shard.out) / STATE / (shard.name + ".json")
 
@@ -276,7 +268,7 @@ def _kept(shard: ShardPlan) -> dict | None:
         tar, index = out / shard.tar, out / shard.index
         if tar.stat().st_size != record["bytes"]:
             return None
-        if _sha256_file(index) != record["index_sha256"] or _sha256_file(tar) != record["sha256"]:
+        if files.sha256_of(index) != record["index_sha256"] or files.sha256_of(tar) != record["sha256"]:
             return None
     except (OSError, ValueError, KeyError, TypeError):
         return None

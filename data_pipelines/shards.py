@@ -203,6 +203,21 @@ def check_present(shard: Shard) -> None:
                          f"truncated or replaced; copy it again or re-run `imagenet-trainer pack`")
 
 
+def verify(manifest: Manifest, workers: int = 4) -> list[tuple[str, str]]:
+    """``(tar, reason)`` for every shard of ``manifest`` whose sha256 differs from the manifest's
+    (``workers`` threads hash at once; hashlib releases the GIL). Sizes and presence were checked
+    when the manifest was read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .files import sha256_of
+
+    every = manifest.shards()
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        sums = list(pool.map(lambda shard: sha256_of(shard.tar), every))
+    return [(str(shard.tar), f"sha256 {got} differs from the manifest's {shard.sha256}: the shard is damaged")
+            for shard, got in zip(every, sums) if got != shard.sha256]
+
+
 # -- the sample order ----------------------------------------------------------------------------
 def shard_stream(split: ShardSplit, *, epoch: int, seed: int) -> np.ndarray:
     """Every sample id of ``split`` in epoch ``epoch``'s training order: a seeded permutation of

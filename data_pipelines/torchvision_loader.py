@@ -84,7 +84,8 @@ class ShardImages:
         name = f"{self.split.shards[shard].tar} (image {position} of its index)"
         label = os.pread(fd, cls_size, cls_offset)
         image = load_rgb(io.BytesIO(os.pread(fd, jpg_size, jpg_offset)), name=name,
-                         hint="The shard is damaged or was not written by `imagenet-trainer pack`: re-run it")
+                         hint=f"The shard is damaged or was not written by `imagenet-trainer pack`: "
+                              f"`imagenet-trainer check-data {self.split.root}` checks every shard's sha256")
         return image, int(label)
 
 

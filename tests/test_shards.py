@@ -276,3 +276,25 @@ def test_reader_index_folders_of_dead_processes_are_removed(tmp_path):
     assert not gone.exists() and Path(mine.name).is_dir() and Path(other.name).is_dir()
     mine.cleanup()
     assert not Path(mine.name).exists()
+
+
+def test_check_data_on_a_pack_checks_every_shard_against_its_manifest(tiny_pack, tmp_path):
+    import shutil
+
+    from tests.conftest import run_cli
+
+    broken = tmp_path / "pack"
+    shutil.copytree(tiny_pack, broken)
+    clean = run_cli("check-data", str(broken))
+    assert clean.returncode == 0 and "shards match the manifest" in clean.stderr, clean.stderr[-2000:]
+    victim = shards.read_manifest(broken).train.shards[2].tar
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 0xFF  # same size: only the sha256 can tell
+    victim.write_bytes(bytes(data))
+    damaged = run_cli("check-data", str(broken))
+    assert damaged.returncode == 1, damaged.stderr[-2000:]
+    assert damaged.stdout.splitlines() == [f"{victim}: sha256 " + damaged.stdout.split("sha256 ", 1)[1].strip()]
+    assert "differs from the manifest's" in damaged.stdout and "1 of" in damaged.stderr
+    victim.unlink()
+    missing = run_cli("check-data", str(broken))
+    assert missing.returncode == 1 and f"{victim} is missing" in missing.stderr

@@ -251,9 +251,10 @@ def _run_submit(args: argparse.Namespace) -> int:
 
 
 def _add_check_data(sub) -> None:
-    p = sub.add_parser("check-data", help="decode every image of a tree and report bad files",
+    p = sub.add_parser("check-data", help="decode every image of a tree and report bad files (a pack: check its shards)",
                        description="Decodes every file under ROOT/train and ROOT/val in parallel; prints each bad "
-                                   "file with its reason. Exit 1 if any is bad, 0 when clean.")
+                                   "file with its reason. ROOT a pack (imagenet-trainer pack): checks every shard's "
+                                   "size and sha256 against its manifest instead. Exit 1 if any is bad, 0 when clean.")
     p.add_argument("root")
     p.add_argument("--workers", type=int, default=None, help="parallel decoders (default: CPU count)")
 
