@@ -21,7 +21,9 @@ The format (WebDataset tars with DALI ``v1.2`` indices and a ``manifest.json``) 
    mtime and label, in order; the tar's bytes and sha256; the index's sha256), written atomically.
    ``manifest.json`` is removed before the first shard is touched and written last, atomically.
 
-**Resume.** A pack that was killed, run again with the same arguments, recomputes the same plan
+**Resume.** A pack that was killed, run again with the same arguments, decodes only the images of
+the shards still to write (those of shards with a record of this plan were decoded before the
+record was written, and the digest covers each file's size and mtime), recomputes the same plan
 and keeps every shard whose record has the plan's digest and whose tar and index re-hash to the
 recorded sha256 at the recorded size (the check runs in the workers, reading each kept tar once);
 every other shard is written again, shards beyond the plan (an earlier pack had more) and stale
@@ -254,6 +256,34 @@ def write_atomic(path: Path, data: bytes) -> None:
     files.fsync_dir(path.parent)
 
 
+def _plan(out: Path, train: layout.Split, val: layout.Split, bad: set[str], seed: int, size: int) -> dict[str, list[ShardPlan]]:
+    """The shards of each split: train images in the seeded order, val in listing order."""
+    train_items, val_items = _items(train, bad), _items(val, bad)
+    order = np.random.default_rng(seed).permutation(len(train_items))
+    return {"train": cut_shards(out, "train", [train_items[i] for i in order], size),
+            "val": cut_shards(out, "val", val_items, size)}
+
+
+def _checked_before(out: Path, train: layout.Split, val: layout.Split, seed: int, size: int) -> set[str]:
+    """Files that an earlier pack into ``out`` decoded: those of the shards whose record has the
+    digest this plan gives them (assuming no bad file). A record is written only after its shard,
+    and a shard only after every image of the tree was decoded, and the digest covers each file's
+    path, size and mtime: such a file has not changed since it was checked. So a resumed pack
+    decodes only the images of the shards still to write (on ImageNet the check is most of a
+    pack's time). Whether each kept shard's bytes are intact is checked later, by its sha256."""
+    if not (out / STATE).is_dir():
+        return set()
+    known: set[str] = set()
+    for shard in (s for shards in _plan(out, train, val, set(), seed, size).values() for s in shards):
+        try:
+            record = json.loads(_record_path(shard).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("plan") == shard.digest:
+            known.update(item.path for item in shard.items)
+    return known
+
+
 def _record_path(shard: ShardPlan) -> Path:
     return Path(shard.out) / STATE / (shard.name + ".json")
 
@@ -467,20 +497,19 @@ def pack(
     _say(verbose, f"decoding {len(files)} images under {root} ({len(train)} train, {len(val)} val) with {how}, "
                   f"{workers} worker(s)")
     start = time.perf_counter()
-    bad = check.check_files(files, workers, progress=progress)
+    known = _checked_before(out, train, val, seed, size)
+    if known:
+        _say(verbose, f"{len(known)} images are in shards an earlier pack of the same plan finished: "
+                      f"decoded then, not again")
+    bad = check.check_files([f for f in files if f not in known], workers, progress=progress)
     result = PackResult(out, None, bad, len(files), check_seconds=time.perf_counter() - start)
     if bad and not skip_bad:
         return result
 
     start = time.perf_counter()
-    bad_paths = {p for p, _ in bad}
-    train_items = _items(train, bad_paths)
-    val_items = _items(val, bad_paths)
-    if not train_items:
+    plan = _plan(out, train, val, {p for p, _ in bad}, seed, size)
+    if not plan["train"]:
         raise PackError(f"no train image of {root} decodes: nothing to pack")
-    order = np.random.default_rng(seed).permutation(len(train_items))
-    train_items = [train_items[i] for i in order]
-    plan = {"train": cut_shards(out, "train", train_items, size), "val": cut_shards(out, "val", val_items, size)}
     shards = plan["train"] + plan["val"]
 
     out.mkdir(parents=True, exist_ok=True)
@@ -490,7 +519,7 @@ def pack(
         _say(verbose, f"writing {len(plan['train'])} train and {len(plan['val'])} val shard(s) of at most "
                       f"{size} bytes into {out}, {min(max(workers, 1), len(shards))} worker(s)")
         records: dict[str, dict] = {}
-        bar = check._progress_bar(len(train_items) + len(val_items)) if progress else None
+        bar = check._progress_bar(sum(len(s.items) for s in shards)) if progress else None
         try:
             for shard, record, kept in _run_shards(shards, workers):
                 records[shard.name] = record

@@ -314,3 +314,31 @@ def test_out_equal_to_the_tree_exits_2(tree, capsys):
     assert packing.main(tree, tree, workers=1) == 2
     assert f"pack: OUT={tree} is ROOT itself" in capsys.readouterr().err
     assert not (tree / MANIFEST).exists() and not list(tree.glob("*.tar"))
+
+
+def test_a_resumed_pack_decodes_only_the_images_of_shards_still_to_write(tree, tmp_path, monkeypatch):
+    """The check is most of a pack's time: images of shards an earlier pack of the same plan
+    finished were decoded then and are not decoded again (their shards' sha256 is still checked)."""
+    out = tmp_path / "out"
+    assert packing.pack(tree, out, shard_size="64KB", workers=0).ok
+    decoded: list[list[str]] = []
+    real = packing.check.check_files
+    monkeypatch.setattr(packing.check, "check_files", lambda files, *a, **k: decoded.append(list(files)) or real(files, *a, **k))
+    again = packing.pack(tree, out, shard_size="64KB", workers=0)
+    assert again.ok and again.written == 0 and decoded == [[]]
+    manifest = read_manifest(out)
+    (out / ".pack" / "train-000001.json").unlink()  # as if killed before that shard's record
+    victim = manifest.train.shards[1]
+    keys = {line.split()[3] for line in victim.index.read_text().splitlines()[1:]}
+    again = packing.pack(tree, out, shard_size="64KB", workers=0)
+    assert again.ok and again.written == 1
+    assert sorted(packing.sample_key(f) + ".jpg" for f in decoded[-1]) == sorted(keys)
+    # A changed file is decoded again: its size and mtime are in the plan's digest.
+    changed = Path(decoded[-1][0])
+    before = changed.stat()
+    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    try:
+        again = packing.pack(tree, out, shard_size="64KB", workers=0)
+        assert again.ok and str(changed) in decoded[-1]
+    finally:  # the tree is the module's
+        os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
