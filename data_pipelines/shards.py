@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from . import layout
-from .sharding import resume_point, steps_per_epoch  # noqa: F401 - re-exported for the loaders
+from .sharding import steps_per_epoch, val_indices
 
 FORMAT = "imagenet-trainer shards"
 VERSION = 1
@@ -260,8 +260,6 @@ def train_ids(
 
 def val_ids(split: ShardSplit, *, shard_id: int, num_shards: int) -> np.ndarray:
     """Rank ``shard_id``'s contiguous slice of the split in manifest order (every image once)."""
-    from .sharding import val_indices
-
     return np.arange(len(split))[val_indices(len(split), shard_id=shard_id, num_shards=num_shards)]
 
 
@@ -281,13 +279,14 @@ def write_reader_indices(split: ShardSplit, ids: np.ndarray, folder: str | os.Pa
     DALI's reader reads a shard's samples in the order of its index's lines and accepts the same
     tar more than once, so one index per run of ``ids`` in one shard (the lines of the shard's own
     index, reordered and cut) makes ``fn.readers.webdataset(random_shuffle=False)`` read our order,
-    seeking within the tar. Written into ``folder``; a shard's index is read once per call.
+    seeking within the tar. Written into ``folder``. A shard's runs are adjacent in our orders (one
+run, or for repeated augmentation a few), so its index is read once.
     """
     folder = Path(folder)
     paths, indices, lines_of = [], [], {}
     for n, (shard, positions) in enumerate(runs(split, ids)):
         if shard not in lines_of:
-            lines_of = {shard: split.index_lines(shard)}  # runs of a shard are mostly adjacent
+            lines_of = {shard: split.index_lines(shard)}  # only the current shard's lines in memory
         lines = lines_of[shard]
         index = folder / f"{n:06d}-{split.shards[shard].index.name}"
         index.write_text(f"{INDEX_VERSION} {len(positions)}\n" + "\n".join(lines[p] for p in positions) + "\n")
