@@ -264,24 +264,27 @@ def _plan(out: Path, train: layout.Split, val: layout.Split, bad: set[str], seed
             "val": cut_shards(out, "val", val_items, size)}
 
 
-def _checked_before(out: Path, train: layout.Split, val: layout.Split, seed: int, size: int) -> set[str]:
+def _checked_before(out: Path, train: layout.Split, val: layout.Split, seed: int,
+                    size: int) -> tuple[set[str], dict[str, list[ShardPlan]] | None]:
     """Files that an earlier pack into ``out`` decoded: those of the shards whose record has the
-    digest this plan gives them (assuming no bad file). A record is written only after its shard,
+    digest this plan gives them (assuming no bad file); and that plan (None when there is no
+    earlier pack), which is the pack's plan when the check then finds no bad file. A record is written only after its shard,
     and a shard only after every image of the tree was decoded, and the digest covers each file's
     path, size and mtime: such a file has not changed since it was checked. So a resumed pack
     decodes only the images of the shards still to write (on ImageNet the check is most of a
     pack's time). Whether each kept shard's bytes are intact is checked later, by its sha256."""
     if not (out / STATE).is_dir():
-        return set()
+        return set(), None
     known: set[str] = set()
-    for shard in (s for shards in _plan(out, train, val, set(), seed, size).values() for s in shards):
+    plan = _plan(out, train, val, set(), seed, size)
+    for shard in (s for shards in plan.values() for s in shards):
         try:
             record = json.loads(_record_path(shard).read_text())
         except (OSError, ValueError):
             continue
         if isinstance(record, dict) and record.get("plan") == shard.digest:
             known.update(item.path for item in shard.items)
-    return known
+    return known, plan
 
 
 def _record_path(shard: ShardPlan) -> Path:
@@ -497,7 +500,7 @@ def pack(
     _say(verbose, f"decoding {len(files)} images under {root} ({len(train)} train, {len(val)} val) with {how}, "
                   f"{workers} worker(s)")
     start = time.perf_counter()
-    known = _checked_before(out, train, val, seed, size)
+    known, earlier_plan = _checked_before(out, train, val, seed, size)
     if known:
         _say(verbose, f"{len(known)} images are in shards an earlier pack of the same plan finished: "
                       f"decoded then, not again")
@@ -507,7 +510,8 @@ def pack(
         return result
 
     start = time.perf_counter()
-    plan = _plan(out, train, val, {p for p, _ in bad}, seed, size)
+    # Without bad files the plan is the one _checked_before made (each file stat'ed once).
+    plan = earlier_plan if earlier_plan is not None and not bad else _plan(out, train, val, {p for p, _ in bad}, seed, size)
     if not plan["train"]:
         raise PackError(f"no train image of {root} decodes: nothing to pack")
     shards = plan["train"] + plan["val"]
