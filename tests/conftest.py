@@ -57,6 +57,36 @@ def tiny_pack(tiny_root, tmp_path_factory) -> Path:
     return out
 
 
+class Interrupt(Exception):
+    """Raised by a test's callback to stop a fit where it has just saved a checkpoint."""
+
+
+def fit_until_interrupted(tmp_path, record, *, num_classes: int, ckpt_path=None, limit_val_batches=0, **data):
+    """A 3-epoch CPU fit of resnet20 on ``ImageNetDataModule(**data)`` with the callback ``record``
+    (which may raise :class:`Interrupt` after saving a checkpoint), resumed from ``ckpt_path`` when
+    given; seeded, so that two calls train alike. Returns the trainer."""
+    import pytorch_lightning as pl
+
+    from data_pipelines.datamodule import ImageNetDataModule
+    from trainer.callbacks import AtomicCheckpointIO
+    from trainer.models import build_model
+    from trainer.module import Classifier
+
+    pl.seed_everything(0)
+    dm = ImageNetDataModule(on_gpu=False, num_workers=1, seed=3, filelist_cache=False, num_classes=num_classes, **data)
+    module = Classifier(build_model("resnet20", num_classes), num_classes=num_classes, batch_size=dm.batch_size,
+                        lr=0.1, momentum=0.9)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, callbacks=[record], use_distributed_sampler=False,
+                         num_sanity_val_steps=0, limit_val_batches=limit_val_batches, default_root_dir=tmp_path,
+                         plugins=[AtomicCheckpointIO()])
+    try:
+        trainer.fit(module, dm, ckpt_path=ckpt_path)
+    except Interrupt:
+        pass
+    return trainer
+
+
 def skip_without_dali() -> None:
     """Skip the calling test, with DALI's install hint, where DALI does not import."""
     from data_pipelines.dali import dali_available, dali_import_error_message

@@ -7,13 +7,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from data_pipelines.datamodule import ImageNetDataModule
 from data_pipelines.resolution import ResolutionSchedule
-from trainer.callbacks import AtomicCheckpointIO
 from trainer.config import ConfigError, load_config
 from trainer.models import build_model
 from trainer.module import Classifier
-from tests.conftest import CPU_FIT, run_cli, skip_without_dali
+from tests.conftest import CPU_FIT, Interrupt, fit_until_interrupted, run_cli, skip_without_dali
 
 
 def ffcv_get_resolution(epoch, min_res, max_res, end_ramp, start_ramp):
@@ -94,10 +92,6 @@ SCHEDULE = ResolutionSchedule(start_size=16, end_size=64, start_epoch=0, end_epo
 VAL_SIZE = 24
 
 
-class Interrupt(Exception):
-    pass
-
-
 class Sizes(pl.Callback):
     """The image size of every training batch (epoch, batch, size) and of every validation batch;
     with ``stop_at``, a checkpoint at that batch's start (as on SLURM's USR1), then a stop."""
@@ -117,20 +111,9 @@ class Sizes(pl.Callback):
 
 
 def _fit(root, tmp_path, backend, record, ckpt_path=None):
-    pl.seed_everything(0)
-    dm = ImageNetDataModule(root=str(root), backend=backend, on_gpu=False, batch_size=16, image_size=40,
-                            val_resize=28, val_image_size=VAL_SIZE, num_workers=1, seed=3, filelist_cache=False,
-                            synthetic_size=64, num_classes=4, resolution=SCHEDULE)
-    module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=16, lr=0.1, momentum=0.9)
-    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, callbacks=[record], use_distributed_sampler=False,
-                         num_sanity_val_steps=0, limit_val_batches=1, default_root_dir=tmp_path,
-                         plugins=[AtomicCheckpointIO()])
-    try:
-        trainer.fit(module, dm, ckpt_path=ckpt_path)
-    except Interrupt:
-        pass
-    return trainer
+    return fit_until_interrupted(tmp_path, record, num_classes=4, ckpt_path=ckpt_path, limit_val_batches=1,
+                                 root=str(root), backend=backend, batch_size=16, image_size=40, val_resize=28,
+                                 val_image_size=VAL_SIZE, synthetic_size=64, resolution=SCHEDULE)
 
 
 @pytest.mark.parametrize("backend", ["torchvision", "dali_cpu", "synthetic"])

@@ -8,11 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from data_pipelines import photos
-from data_pipelines.datamodule import ImageNetDataModule
-from trainer.callbacks import AtomicCheckpointIO
-from trainer.models import build_model
-from trainer.module import Classifier
-from tests.conftest import run_cli, skip_without_dali
+from tests.conftest import Interrupt, fit_until_interrupted, run_cli, skip_without_dali
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +27,6 @@ def one_image_per_class_packed(one_image_per_class, tmp_path_factory):
     proc = run_cli("pack", str(one_image_per_class), str(out), "--shard-size", "8KB", "--workers", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
-
-
-class Interrupt(Exception):
-    pass
 
 
 class Record(pl.Callback):
@@ -66,19 +58,8 @@ class Record(pl.Callback):
 
 
 def _fit(root, tmp_path, record, ckpt_path=None, backend="torchvision"):
-    pl.seed_everything(0)
-    dm = ImageNetDataModule(root=str(root), backend=backend, on_gpu=False, batch_size=4, image_size=32,
-                            val_resize=32, num_workers=1, seed=3, filelist_cache=False)
-    module = Classifier(build_model("resnet20", 36), num_classes=36, batch_size=4, lr=0.1, momentum=0.9)
-    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, callbacks=[record], use_distributed_sampler=False,
-                         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
-                         plugins=[AtomicCheckpointIO()])
-    try:
-        trainer.fit(module, dm, ckpt_path=ckpt_path)
-    except Interrupt:
-        pass
-    return trainer
+    return fit_until_interrupted(tmp_path, record, num_classes=36, ckpt_path=ckpt_path, root=str(root), backend=backend,
+                                 batch_size=4, image_size=32, val_resize=32)
 
 
 _FULL: dict[tuple[str, str], Record] = {}
