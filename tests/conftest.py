@@ -51,8 +51,12 @@ def tiny_root(tmp_path_factory) -> Path:
 def tiny_pack(tiny_root, tmp_path_factory) -> Path:
     """tiny_root packed by `imagenet-trainer pack` into shards of about 16 KB (64 train images
     in several shards, 20 val images in at least two)."""
-    out = tmp_path_factory.mktemp("tiny_pack") / "pack"
-    proc = run_cli("pack", str(tiny_root), str(out), "--shard-size", "16KB", "--workers", "1")
+    return pack_with_cli(tiny_root, tmp_path_factory.mktemp("tiny_pack") / "pack", "16KB")
+
+
+def pack_with_cli(root: Path, out: Path, shard_size: str, workers: int = 1) -> Path:
+    """`imagenet-trainer pack ROOT OUT` as a user runs it; OUT, once it succeeded."""
+    proc = run_cli("pack", str(root), str(out), "--shard-size", shard_size, "--workers", str(workers))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import CPU_FIT, run_cli
+from tests.conftest import CPU_FIT, pack_with_cli, run_cli
 
 # 10 classes: chance is 0.10. Classes share shapes (3 kinds of circle) and colours (3 cyan
 # shapes), so a pipeline that loses colour or geometry, or scrambles labels, stays far below.
@@ -67,9 +67,7 @@ def test_fit_again_resumes_from_last_ckpt_and_continues_global_step(tiny_root, t
 def test_fit_from_a_pack_learns_as_from_folders(sample_root, tmp_path):
     """The sample tree packed into tar shards: the same recipe clears the same bar as from folders
     (test_fit_learns_and_validate_reproduces_its_top1), and every val image is counted once."""
-    pack = tmp_path / "pack"
-    packed = run_cli("pack", str(sample_root), str(pack), "--shard-size", "256KB", "--workers", "2")
-    assert packed.returncode == 0, packed.stderr[-3000:]
+    pack = pack_with_cli(sample_root, tmp_path / "pack", "256KB", workers=2)
     run_dir = tmp_path / "run"
     proc = run_cli("fit", *CPU_FIT, f"data.root={pack}", f"run.dir={run_dir}", "trainer.max_epochs=6",
                    "data.batch_size=32", "optim.lr=0.4", "optim.warmup_epochs=1", "data.backend=dali_cpu",

@@ -19,7 +19,7 @@ import torch
 from data_pipelines.datamodule import ImageNetDataModule
 from trainer.models import build_model
 from trainer.module import Classifier
-from tests.conftest import run_cli, skip_without_dali
+from tests.conftest import pack_with_cli, skip_without_dali
 from trainer.preemption import Preempted, RequeueOnSignal, next_hpc_path, requeue_command
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,10 +44,7 @@ def ids_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ids_pack(ids_root, tmp_path_factory) -> Path:
     """ids_root packed into shards of about 8 KB (6 images each): ranks read distinct shards."""
-    out = tmp_path_factory.mktemp("ids_pack") / "pack"
-    proc = run_cli("pack", str(ids_root), str(out), "--shard-size", "8KB", "--workers", "1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return pack_with_cli(ids_root, tmp_path_factory.mktemp("ids_pack") / "pack", "8KB")
 
 
 def _needs(backend: str) -> None:

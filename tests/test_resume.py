@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from data_pipelines import photos
-from tests.conftest import Interrupt, fit_until_interrupted, run_cli, skip_without_dali
+from tests.conftest import Interrupt, fit_until_interrupted, pack_with_cli, skip_without_dali
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +23,7 @@ def one_image_per_class(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_image_per_class_packed(one_image_per_class, tmp_path_factory):
     """The same 36 images packed into tar shards of about 8 KB (`imagenet-trainer pack`)."""
-    out = tmp_path_factory.mktemp("ids_pack") / "pack"
-    proc = run_cli("pack", str(one_image_per_class), str(out), "--shard-size", "8KB", "--workers", "1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return pack_with_cli(one_image_per_class, tmp_path_factory.mktemp("ids_pack") / "pack", "8KB")
 
 
 class Record(pl.Callback):
