@@ -255,3 +255,96 @@ def test_a_restarted_epoch_trains_every_batch_of_the_new_size_once(ids_root, tmp
     assert len(fed) == len(set(fed)) == 32  # the whole epoch (36 images, 4 left over), none twice
     steps_before = 9 + 3 + (where == "end")  # epoch 0 of batch 4, then epoch 1's trained batches
     assert trainer.global_step == steps_before + 4
+
+
+# --- last.ckpt is the newest state, best-*.ckpt the best -------------------------------------------
+
+
+class _Scripted(pl.LightningModule):
+    """A linear model whose val/top1 per epoch is given: the metric's course is the test's choice."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = list(scores)
+        self.layer = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/top1", float(self.scores[self.current_epoch]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=2)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(2, 4)), batch_size=2)
+
+
+class _StopAtEpoch(pl.Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == self.epoch:
+            raise _Interrupt  # a crash: no preemption checkpoint
+
+
+def _scripted_fit(tmp_path, scores, *, checkpoint, stop_at=None, ckpt_path=None, check_val_every_n_epoch=1):
+    callbacks = [checkpoint] + ([_StopAtEpoch(stop_at)] if stop_at is not None else [])
+    trainer = pl.Trainer(max_epochs=len(scores), accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
+                         check_val_every_n_epoch=check_val_every_n_epoch, default_root_dir=tmp_path)
+    try:
+        trainer.fit(_Scripted(scores), ckpt_path=ckpt_path)
+    except _Interrupt:
+        pass
+    return trainer
+
+
+def _best_and_last(tmp_path):
+    from trainer.callbacks import BestAndLastCheckpoint
+
+    return BestAndLastCheckpoint(tmp_path / "checkpoints", filename="best-epoch{epoch:03d}",
+                                 auto_insert_metric_name=False, monitor="val/top1", mode="max", save_top_k=1)
+
+
+def _step(path):
+    return torch.load(path, weights_only=False)["global_step"]
+
+
+def test_lightnings_save_last_moves_only_on_improvement(tmp_path):
+    """What our callback exists for: pinned, so that a Lightning that fixes it is noticed."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    cb = ModelCheckpoint(tmp_path / "checkpoints", monitor="val/top1", mode="max", save_top_k=1, save_last=True)
+    _scripted_fit(tmp_path, [0.5, 0.4], checkpoint=cb)
+    assert _step(tmp_path / "checkpoints" / "last.ckpt") == 4  # epoch 0's, not the final step 8
+
+
+def test_last_ckpt_holds_the_final_state_when_the_final_epoch_does_not_improve(tmp_path):
+    trainer = _scripted_fit(tmp_path, [0.5, 0.4], checkpoint=_best_and_last(tmp_path))
+    ckpts = tmp_path / "checkpoints"
+    assert _step(ckpts / "last.ckpt") == trainer.global_step == 8
+    assert sorted(p.name for p in ckpts.glob("best-*.ckpt")) == ["best-epoch000.ckpt"]
+    assert _step(ckpts / "best-epoch000.ckpt") == 4
+
+
+def test_a_crash_after_a_non_improving_epoch_resumes_at_that_epochs_end(tmp_path):
+    scores = [0.5, 0.4, 0.3]
+    _scripted_fit(tmp_path, scores, checkpoint=_best_and_last(tmp_path), stop_at=2)  # crashes as epoch 2 starts
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert _step(last) == 8
+    resumed = _scripted_fit(tmp_path, scores, checkpoint=_best_and_last(tmp_path), ckpt_path=str(last))
+    assert resumed.global_step == 12  # epoch 2 only: epochs 0 and 1 were not trained again
+    best = resumed.checkpoint_callback
+    assert best.best_model_score == 0.5 and best.best_model_path.endswith("best-epoch000.ckpt")
+
+
+def test_last_ckpt_moves_in_epochs_without_validation(tmp_path):
+    cb = _best_and_last(tmp_path)
+    _scripted_fit(tmp_path, [0.5, 0.4, 0.3], checkpoint=cb, stop_at=2, check_val_every_n_epoch=2)
+    assert _step(tmp_path / "checkpoints" / "last.ckpt") == 8  # epoch 1 ran no validation

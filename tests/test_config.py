@@ -2,10 +2,29 @@
 from __future__ import annotations
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from tests.conftest import run_cli
 from trainer.config import ConfigError, conf_dir, experiments, load_config
+
+
+def _require_key(cfg, key: str) -> None:
+    """Raises KeyError naming ``key`` unless the config has it (``OmegaConf.select`` returns None
+    for an absent key, even with throw_on_missing: that only concerns ``???`` values)."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            raise KeyError(f"config key {key!r} is absent")
+        node = node._get_node(part)
+
+
+def test_the_key_check_fails_on_an_absent_key():
+    cfg = load_config(["data.root=/data/imagenet"])
+    _require_key(cfg, "data.batch_size")
+    _require_key(cfg, "model.num_classes")  # present, with the value None
+    for absent in ("data.batchsize", "nope", "data.batch_size.x"):
+        with pytest.raises(KeyError, match=absent.replace(".", r"\.")):
+            _require_key(cfg, absent)
 
 
 def test_base_config_composes_with_every_key_users_rely_on():
@@ -14,7 +33,7 @@ def test_base_config_composes_with_every_key_users_rely_on():
                 "data.num_workers", "model.arch", "model.num_classes", "optim.lr", "optim.warmup_epochs",
                 "trainer.max_epochs", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
                 "trainer.precision", "run.dir", "seed"):
-        OmegaConf.select(cfg, key, throw_on_missing=True)  # raises if absent
+        _require_key(cfg, key)
 
 
 @pytest.mark.parametrize("name", experiments())
@@ -92,3 +111,20 @@ def test_print_config_prints_resolved_yaml():
     assert proc.returncode == 0, proc.stderr
     cfg = OmegaConf.create(proc.stdout)
     assert cfg.model.arch == "plain34" and cfg.run.dir == "runs/smoke" and cfg.data.root == "/data"
+
+
+def test_submit_leaves_the_jobs_environment_to_the_job(tmp_path, monkeypatch, capsys):
+    """The README's staging pattern on a login node without TMPDIR: submit checks every other key,
+    and the rendered script keeps the interpolation for the job's nodes to resolve."""
+    from trainer.cli import main
+
+    monkeypatch.delenv("TMPDIR", raising=False)
+    job = ["submit", "--dry-run", "--nodes", "1", "--gpus-per-node", "2", "--time", "1:00:00"]
+    assert main([*job, "data.root=/x", "data.stage_to=${oc.env:TMPDIR}"]) == 0
+    assert "'data.stage_to=${oc.env:TMPDIR}'" in capsys.readouterr().out
+    # Only what the job can give is deferred: a misspelt key still fails here.
+    assert main([*job, "data.root=/x", "data.stage_to=${oc.env:TMPDIR}", "data.batchsize=3"]) == 2
+    assert "data.batchsize" in capsys.readouterr().err
+    # Outside submit the config is this host's: the unset variable is an error naming it.
+    with pytest.raises(ConfigError, match="TMPDIR"):
+        load_config(["data.root=/x", "data.stage_to=${oc.env:TMPDIR}"])

@@ -1,5 +1,6 @@
 """Callbacks: throughput and data-wait measurement, plain log lines for SLURM log files,
-atomic checkpoint writes, and a grid of the training images as the model gets them."""
+the best and last checkpoints, atomic checkpoint writes, and a grid of the training images as the
+model gets them."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 
@@ -197,6 +198,50 @@ class RecordSamples(pl.Callback):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """``best-*.ckpt``: the top-k by the monitored metric, as Lightning's ModelCheckpoint keeps them;
+    ``last.ckpt``: the newest state, after every training epoch and at the end of the fit, whatever
+    the metric did.
+
+    Lightning 2.6 writes ``last.ckpt`` only "if a checkpoint was actually saved in this step", i.e.
+    when the metric improved: a crash after a plateau would resume from the last improvement and
+    train those epochs again, and an export of ``last.ckpt`` would not be the final model. Here
+    ``last.ckpt`` follows each epoch, validated or not (``trainer.check_val_every_n_epoch`` > 1).
+    tests/test_checkpoints.py pins this against Lightning's behaviour.
+    """
+
+    def __init__(self, dirpath: str | Path, **kwargs) -> None:
+        super().__init__(dirpath=dirpath, save_last=True, **kwargs)
+
+    @property
+    def state_key(self) -> str:
+        # Lightning keys a callback's state in the checkpoint by its class name: keep
+        # ModelCheckpoint's, so a run checkpointed before this class existed resumes with its best score.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    # Each hook lets Lightning save first (best-*.ckpt, and last.ckpt when that improved): once
+    # something is saved at a step, Lightning saves nothing more at that step.
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):  # Lightning's save point is here
+            self._save_last_unless_saved(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # After the epoch's validation when there is one (Lightning runs it inside the epoch); an
+        # epoch without validation (check_val_every_n_epoch > 1) still moves last.ckpt.
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last_unless_saved(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._save_last_unless_saved(trainer)  # a fit stopped mid-epoch by max_steps
+
+    def _save_last_unless_saved(self, trainer) -> None:
+        # Skips the sanity check, trainer.validate() and a step already saved (by top-k or last).
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

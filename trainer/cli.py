@@ -245,7 +245,8 @@ def _run_submit(args: argparse.Namespace) -> int:
     """Render the job script and sbatch it (or print it); submit's exit code."""
     from trainer.slurm import job_spec, submit
 
-    cfg = load_config(args.overrides)  # a bad override fails here, not after hours in the queue
+    # A bad override fails here, not after hours in the queue; ${oc.env:...} values are the job's.
+    cfg = load_config(args.overrides, job_env=True)
     spec = job_spec(args, args.job_name or cfg.experiment or "imagenet-trainer")
     return submit(spec, args.overrides, dry_run=args.dry_run, wait=args.wait, script_dir=Path(args.script_dir))
 

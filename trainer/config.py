@@ -236,8 +236,13 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: {_explain(err, base)}") from None
 
 
-def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Compose the config from conf/ and ``key=value`` overrides, then validate it."""
+def load_config(overrides: list[str] | tuple[str, ...] = (), *, job_env: bool = False) -> DictConfig:
+    """Compose the config from conf/ and ``key=value`` overrides, then validate it.
+
+    ``job_env``: the config is for a job that runs elsewhere (``submit`` on a login node): a
+    ``${oc.env:VAR}`` that this host cannot resolve is left to the job's environment and its key
+    checked with the schema's default instead; every other key and type is still checked here.
+    """
     overrides = list(overrides)
     for item in overrides:
         if "=" not in item:
@@ -260,7 +265,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         cfg = _merge(cfg, OmegaConf.load(path), str(path))
         cfg.experiment = experiment
     cfg = apply_overrides(cfg, rest)
-    validate(cfg)
+    validate(_with_job_env_deferred(cfg) if job_env else cfg)
     return cfg
 
 
@@ -269,6 +274,28 @@ def schema() -> DictConfig:
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+def _with_job_env_deferred(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` to validate on a host that is not the job's: each value that reads an
+    environment variable (``${oc.env:...}``) and does not resolve here takes the schema's default."""
+    defaults = schema()
+    checked = cfg.copy()
+    for key, raw in _leaves(OmegaConf.to_container(cfg, resolve=False)):
+        if not (isinstance(raw, str) and "${oc.env:" in raw):
+            continue
+        try:
+            OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+        except OmegaConfBaseException:
+            OmegaConf.update(checked, key, OmegaConf.select(defaults, key), force_add=False)
+    return checked
+
+
+def _leaves(node: Any, prefix: str = ""):
+    """(dotted key, raw value) of every leaf of a plain container (lists are leaves)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:

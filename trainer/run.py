@@ -16,15 +16,15 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from data_pipelines.datamodule import ImageNetDataModule
 from data_pipelines.resolution import ResolutionSchedule
 from trainer import preemption, slurm
-from trainer.callbacks import (AtomicCheckpointIO, PlainProgress, ProgressBar, RecordSamples,
-                               ReleaseValidationPipelines, RestartResumedEpoch, SampleGrid, Throughput)
+from trainer.callbacks import (AtomicCheckpointIO, BestAndLastCheckpoint, PlainProgress, ProgressBar,
+                               RecordSamples, ReleaseValidationPipelines, RestartResumedEpoch, SampleGrid,
+                               Throughput)
 from trainer.config import (ConfigError, apply_overrides, from_saved, require_data_root, require_init_from, to_dict,
                             to_yaml, validate)
 from trainer.export import checkpoint_weights
@@ -240,14 +240,14 @@ def _callbacks(cfg: DictConfig, run_dir: Path, for_fit: bool, *, alloc: slurm.Al
             # Validated as val_ema/* beside val/*; kept in every checkpoint (trainer/ema.py).
             callbacks.append(EMA(cfg.ema.decay, cfg.ema.every_n_steps))
         callbacks += [
-            ModelCheckpoint(
-                dirpath=run_dir / "checkpoints",
+            # best-epochNNN.ckpt (best val top-1) and last.ckpt (the newest state, every epoch).
+            BestAndLastCheckpoint(
+                run_dir / "checkpoints",
                 filename="best-epoch{epoch:03d}",
                 auto_insert_metric_name=False,
                 monitor="val/top1",
                 mode="max",
                 save_top_k=1,
-                save_last=True,
             ),
             Throughput(every=t.log_every_n_steps),
             # RUN_DIR/samples.png (and W&B "samples"): the first training images as augmented.
