@@ -83,3 +83,15 @@ def test_torch_storage_use_count_counts_every_tensor_on_the_memory():
     assert _others_hold(buffer)
     del view
     assert not _others_hold(buffer)
+
+
+def test_lightning_logs_with_batches_that_stepped_and_adds_one_on_a_mid_epoch_restore():
+    """trainer/preemption.py's ``align_log_step`` corrects ``_batches_that_stepped`` (the loggers'
+    step), which Lightning's epoch loop bumps by one on restoring a mid-epoch checkpoint."""
+    import inspect
+
+    from pytorch_lightning.loops.training_epoch_loop import _TrainingEpochLoop
+
+    assert "self._batches_that_stepped += 1" in inspect.getsource(_TrainingEpochLoop.reset)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    assert trainer.fit_loop.epoch_loop._batches_that_stepped == 0

@@ -143,6 +143,20 @@ def _no_sigterm_broadcast() -> None:
     """Replaces Lightning's per-step SIGTERM broadcast: RequeueOnSignal handles SIGTERM."""
 
 
+def align_log_step(trainer) -> None:
+    """Put the loggers' step back on the global step after a resume from one of our checkpoints.
+
+    Lightning logs with ``_batches_that_stepped``, equal to the global step at every batch start
+    (one optimizer, automatic optimisation), and on restoring a mid-epoch checkpoint it adds one,
+    as if the checkpoint had been written at a step's end, before that count moved. Ours are written
+    at a step's start, after it moved: without this, a resumed run logs no step G and every later
+    one at G+1 (metrics.csv and W&B would skip a step). Call at the first batch's start.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    if loop._batches_that_stepped == trainer.global_step + 1:
+        loop._batches_that_stepped = trainer.global_step
+
+
 class RequeueOnSignal(pl.Callback):
     """Checkpoint at a step boundary agreed by all ranks on SIGUSR1 or SIGTERM; on SIGUSR1 also
     requeue; then stop (see the module doc).
@@ -160,8 +174,10 @@ class RequeueOnSignal(pl.Callback):
         self.keep = keep
         self._group = None
         self._pending: tuple[dist.Work, torch.Tensor] | None = None
+        self._first_batch = True
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._first_batch = True
         # Here, after Lightning installed its handlers (Trainer._run), to replace them; its
         # teardown puts back the ones from before the fit.
         listen(SIGNALS)
@@ -190,6 +206,9 @@ class RequeueOnSignal(pl.Callback):
         return agreed
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._first_batch:
+            self._first_batch = False
+            align_log_step(trainer)
         received = self._received_anywhere()
         if not any(received):
             return

@@ -16,7 +16,6 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
-from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from data_pipelines.datamodule import ImageNetDataModule
@@ -30,6 +29,7 @@ from trainer.config import (ConfigError, apply_overrides, from_saved, require_da
 from trainer.export import checkpoint_weights
 from trainer.finetune import HEAD, freeze_backbone, load_weights, read_weights
 from trainer.models import build_model
+from trainer.metrics_csv import RunCSVLogger, first_logged_step
 from trainer.module import Classifier
 
 log = logging.getLogger("imagenet_trainer")
@@ -162,9 +162,10 @@ def _init_weights(model: torch.nn.Module, path: str) -> None:
     _say(f"model.init_from: loaded {path} ({kind})" + (f"; {note}" if note else ""))
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool, resume_step: int | None = None) -> pl.Trainer:
     """The Trainer for ``cfg``, writing under ``run_dir``: with checkpoints, loggers and preemption
-    handling when ``for_fit``, without them for a validation; DDP when there is more than one device."""
+    handling when ``for_fit``, without them for a validation; DDP when there is more than one device.
+    ``resume_step``: the first step a resumed fit logs (metrics.csv keeps the rows before it)."""
     t = cfg.trainer
     alloc = slurm.allocation()
     devices, num_nodes = _cluster_counts(cfg, alloc)
@@ -175,7 +176,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool) -> pl.Traine
     plugins = _plugins(alloc)
     tty = sys.stdout.isatty()
     callbacks = _callbacks(cfg, run_dir, for_fit, alloc=alloc, on_gpu=on_gpu, tty=tty)
-    loggers = _loggers(cfg, run_dir, for_fit)
+    loggers = _loggers(cfg, run_dir, for_fit, resume_step)
     return pl.Trainer(
         **_settings(t),
         devices=devices,
@@ -262,11 +263,12 @@ def _callbacks(cfg: DictConfig, run_dir: Path, for_fit: bool, *, alloc: slurm.Al
     return callbacks
 
 
-def _loggers(cfg: DictConfig, run_dir: Path, for_fit: bool) -> list:
-    """For a fit, the CSVLogger into ``run_dir`` and then W&B when enabled; none otherwise."""
+def _loggers(cfg: DictConfig, run_dir: Path, for_fit: bool, resume_step: int | None) -> list:
+    """For a fit, metrics.csv in ``run_dir`` (kept across resumes) and then W&B when enabled; none
+    otherwise."""
     if not for_fit:
         return []
-    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    loggers = [RunCSVLogger(run_dir, resume_step=resume_step)]
     wandb_logger = _wandb_logger(cfg, run_dir)
     if wandb_logger is not None:
         loggers.append(wandb_logger)  # after the CSVLogger: trainer.log_dir stays run_dir
@@ -358,12 +360,16 @@ def resume_changes(ckpt: dict, *, world_size: int, batch_size: int, max_epochs: 
     return changes
 
 
-def _check_resume(ckpt_path: Path, cfg: DictConfig, trainer: pl.Trainer, dm: ImageNetDataModule) -> None:
-    """Refuse (ConfigError) to resume from ``ckpt_path`` with another world size, global batch or
-    trainer.max_epochs, unless run.allow_resume_change; then warn what follows from the change, and
-    restart the checkpoint's epoch when its count of trained batches is of another batch size."""
-    # mmap: the config and the counters are read, not the weights.
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+def _read_resume_state(ckpt_path: Path) -> dict:
+    """The checkpoint a fit resumes from; mmap: its config and counters are read, not its weights."""
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _check_resume(ckpt_path: Path, ckpt: dict, cfg: DictConfig, trainer: pl.Trainer, dm: ImageNetDataModule) -> None:
+    """Refuse (ConfigError) to resume from ``ckpt_path`` (read as ``ckpt``) with another world size,
+    global batch or trainer.max_epochs, unless run.allow_resume_change; then warn what follows from
+    the change, and restart the checkpoint's epoch when its count of trained batches is of another
+    batch size."""
     changes = resume_changes(ckpt, world_size=trainer.world_size, batch_size=cfg.data.batch_size,
                              max_epochs=cfg.trainer.max_epochs, accumulate=cfg.trainer.accumulate_grad_batches)
     if not changes:
@@ -417,10 +423,12 @@ def fit(cfg: DictConfig) -> dict | None:
     dm = build_datamodule(cfg)
     # A resume takes the checkpoint's weights: model.init_from is for the fit's start only.
     module = build_module(cfg, dm.classes, load_init_from=resume_from is None)
-    trainer = build_trainer(cfg, run_dir, for_fit=True)
+    resumed = _read_resume_state(resume_from) if resume_from is not None else None
+    trainer = build_trainer(cfg, run_dir, for_fit=True,
+                            resume_step=first_logged_step(resumed) if resumed is not None else None)
     if resume_from is not None:
         # Before config.yaml is written: a refused resume leaves the run directory as it was.
-        _check_resume(resume_from, cfg, trainer, dm)
+        _check_resume(resume_from, resumed, cfg, trainer, dm)
     _write_text(run_dir / "config.yaml", to_yaml(cfg))
     ckpt_path = str(resume_from) if resume_from else None
     if ckpt_path:
