@@ -1,5 +1,5 @@
-"""Small file-system primitives the data modules share: a waiting ``flock``, a folder fsync, a
-file's sha256."""
+"""Small file-system primitives the data modules share: a waiting ``flock``, a non-waiting one, a
+folder fsync, a file's sha256."""
 from __future__ import annotations
 
 import contextlib
@@ -43,6 +43,21 @@ def exclusive_lock(lock: Path, *, timeout: float, on_timeout: Callable[[], Excep
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def try_exclusive_lock(fd: int) -> bool | None:
+    """Take an exclusive ``flock`` on the open file ``fd`` without waiting: True if taken (held
+    until every descriptor of that open file is closed, at the latest when its process dies),
+    False if another open file holds it, None on a filesystem without locks."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as err:
+        if err.errno not in NO_FLOCK:
+            raise
+        return None
+    return True
 
 
 def fsync_dir(folder: Path) -> None:

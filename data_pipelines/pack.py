@@ -31,7 +31,9 @@ temporary files are removed, then the manifest is written. A pack of other argum
 changed tree in the same ``OUT`` is the same case: the records that no longer match are rewritten.
 ``OUT/.pack/lock`` (``flock``) keeps two packs out of one ``OUT``; the writing processes die with
 the pack that started them (``PR_SET_PDEATHSIG``), so a killed pack leaves no writer behind.
-``DELAY_ENV`` (a test hook) makes each shard's writer sleep after it, so a test can kill mid-pack.
+``PAUSE_ENV`` (a test hook) makes each shard's writer, once the shard and its record are written,
+append the shard's name to the file it names and wait there to be killed: a test kills a pack at a
+known point instead of racing a timer.
 """
 from __future__ import annotations
 
@@ -58,8 +60,9 @@ DEFAULT_SHARD_SIZE = "512MB"
 STATE = ".pack"  # OUT/.pack/: a record per finished shard, and the lock
 # Changes whenever the bytes written for a plan change, so that records of an older writer do not match.
 WRITER = "imagenet-trainer pack 1: GNU tar, mtime 0, uid/gid 0, mode 0644, record-padded"
-# Test hook: seconds to sleep after each written shard, so that a test can kill a pack mid-way.
-DELAY_ENV = "IMAGENET_TRAINER_PACK_TEST_DELAY"
+# Test hook: a file that each shard's writer, its record written, appends the shard's name to, then
+# waits to be killed: a test kills a pack at a known point, not at a time a loaded machine may miss.
+PAUSE_ENV = "IMAGENET_TRAINER_PACK_TEST_PAUSE"
 
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240
@@ -119,7 +122,7 @@ def _check_out(root: Path, out: Path) -> None:
 # -- the plan ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Item:
-    path: str  # absolute
+    path: str  # absolute: pack() makes ROOT absolute, so these equal the paths it decodes
     key: str
     label: int
     size: int
@@ -362,9 +365,12 @@ def _write(shard: ShardPlan) -> dict:
     record = {"plan": shard.digest, "tar": shard.tar, "index": shard.index, "images": len(shard.items),
               "bytes": pos, "sha256": digest.hexdigest(), "index_sha256": hashlib.sha256(index_text).hexdigest()}
     write_atomic(_record_path(shard), json.dumps(record, indent=1).encode())
-    delay = float(os.environ.get(DELAY_ENV) or 0)
-    if delay > 0:
-        time.sleep(delay)
+    pause = os.environ.get(PAUSE_ENV)
+    if pause:
+        with open(pause, "a") as f:
+            f.write(shard.name + "\n")
+        while True:  # until the test kills the pack (the workers die with it)
+            time.sleep(60)
     return record
 
 
@@ -483,7 +489,9 @@ def pack(
     written and the result's ``manifest`` is None. ``progress``: bars on stderr (default: when it
     is a terminal); ``verbose``: what it does, on stderr.
     """
-    root, out = Path(root), Path(out)
+    # Absolute once, here: the records' digests hold absolute paths, and the files to decode are
+    # matched against them (a relative ROOT made a resume decode every image again).
+    root, out = Path(os.path.abspath(root)), Path(out)
     size = parse_size(shard_size)
     workers = check.default_workers() if workers is None else max(0, int(workers))
     if progress is None:
@@ -496,15 +504,16 @@ def pack(
     check_keys(val, "val")
 
     files = train.files + val.files
-    how = "Pillow and nvImageCodec (DALI's decoder)" if check.dali_decoder_available() else "Pillow only"
-    _say(verbose, f"decoding {len(files)} images under {root} ({len(train)} train, {len(val)} val) with {how}, "
-                  f"{workers} worker(s)")
     start = time.perf_counter()
     known, earlier_plan = _checked_before(out, train, val, seed, size)
-    if known:
-        _say(verbose, f"{len(known)} images are in shards an earlier pack of the same plan finished: "
-                      f"decoded then, not again")
-    bad = check.check_files([f for f in files if f not in known], workers, progress=progress)
+    todo = [f for f in files if f not in known]
+    if len(todo) < len(files):  # counted on what is decoded, so the log cannot claim a skip that did not happen
+        _say(verbose, f"{len(files) - len(todo)} of the {len(files)} images are in shards an earlier pack of the "
+                      f"same plan finished: decoded then, not again")
+    how = "Pillow and nvImageCodec (DALI's decoder)" if check.dali_decoder_available() else "Pillow only"
+    _say(verbose, f"decoding {len(todo)} of the {len(files)} images under {root} ({len(train)} train, {len(val)} val) "
+                  f"with {how}, {workers} worker(s)")
+    bad = check.check_files(todo, workers, progress=progress)
     result = PackResult(out, None, bad, len(files), check_seconds=time.perf_counter() - start)
     if bad and not skip_bad:
         return result

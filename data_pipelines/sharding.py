@@ -11,7 +11,8 @@ that the sample sequence is a function of (seed, epoch, rank, world size) alone:
 * resuming mid-epoch: ``start_step`` skips exactly the batches already fed;
 * repeated augmentation (``repeats`` > 1; DeiT's RASampler, torchvision recipe's ``--ra-sampler``):
   fewer distinct images per epoch, each fed ``repeats`` times (with different random
-  augmentations, as every backend draws them per sample), while the epoch keeps its length.
+  augmentations, as every backend draws them per sample), while the epoch keeps its length. One
+  rule for folders and packs, :func:`deal_repeated`: an image's copies go to different ranks.
 """
 from __future__ import annotations
 
@@ -42,15 +43,10 @@ def train_indices(
     start_step: int = 0,
     repeats: int = 1,
 ) -> np.ndarray:
-    """Indices rank ``shard_id`` feeds in ``epoch``, from batch ``start_step`` on.
-
-    ``repeats`` > 1: the epoch's ``steps * num_shards * batch_size`` samples are the first
-    ``ceil(samples / repeats)`` images of the permutation, each written ``repeats`` times in a row
-    and dealt round-robin like single ones, so that an image's copies go to neighbouring ranks (or,
-    on one rank, into the same batch), as DeiT's RASampler deals them. Every chosen image occurs
-    exactly ``repeats`` times over all ranks, except the last one when ``repeats`` does not divide
-    the epoch's sample count. Ranks still get the same number of full batches.
-    """
+    """Indices rank ``shard_id`` feeds in ``epoch``, from batch ``start_step`` on: a seeded
+    permutation dealt round-robin; ``repeats`` > 1: the permutation's first images, each fed
+    ``repeats`` times on different ranks (:func:`deal_repeated`). Ranks get the same number of
+    full batches."""
     if not 0 <= shard_id < num_shards:
         raise ValueError(f"shard_id={shard_id} is outside [0, num_shards={num_shards})")
     if repeats < 1:
@@ -58,10 +54,38 @@ def train_indices(
     steps = steps_per_epoch(num_images, num_shards, batch_size)
     perm = np.random.default_rng([seed, epoch]).permutation(num_images)
     if repeats > 1:
-        samples = steps * num_shards * batch_size
-        perm = np.repeat(perm[: -(-samples // repeats)], repeats)[:samples]
-    mine = perm[shard_id::num_shards][: steps * batch_size]
+        mine = deal_repeated(perm, repeats=repeats, shard_id=shard_id, num_shards=num_shards,
+                             span=steps * batch_size)
+    else:
+        mine = perm[shard_id::num_shards][: steps * batch_size]
     return mine[start_step * batch_size :]
+
+
+def deal_repeated(stream: np.ndarray, *, repeats: int, shard_id: int, num_shards: int, span: int) -> np.ndarray:
+    """The ``span`` samples rank ``shard_id`` feeds when the epoch's ``num_shards * span`` samples
+    are the first ``ceil(num_shards * span / repeats)`` images of ``stream``, each ``repeats`` times.
+
+    The rule (DeiT's RASampler, kept local): each image is written ``repeats`` times in a row; the
+    ranks form ``max(1, num_shards // repeats)`` groups of consecutive ranks, as equal as possible
+    (so each has at least ``repeats`` ranks when there are that many); each group takes the next
+    ``group size * span`` samples of that repeated stream and deals them round-robin over its
+    ranks. So an image's copies go to ``min(repeats, num_shards)`` distinct ranks, at most one per
+    rank when ``num_shards >= repeats``, in the same step or the next (with fewer ranks than
+    copies, a rank's copies are next to each other, as on one GPU in DeiT); every chosen image
+    comes exactly ``repeats`` times except the last when ``repeats`` does not divide the epoch.
+    One group is DeiT's dealing exactly. Several keep a rank's samples within a stretch of
+    ``stream`` under ``2 * span`` images long, read in ``stream``'s order: a pack's rank reads
+    about as few shards as without repetition, each in one go (one group would send every rank to
+    the shards of all the epoch's images, ``num_shards / repeats`` times as many).
+    ``repeats`` = 1: contiguous spans of ``stream``, rank by rank.
+    """
+    groups = max(1, num_shards // repeats)
+    bounds = [num_shards * g // groups for g in range(groups + 1)]
+    group = int(np.searchsorted(bounds, shard_id, side="right")) - 1
+    first, size = bounds[group], bounds[group + 1] - bounds[group]
+    # Positions in the repeated stream (sample p is image p // repeats) this rank is dealt.
+    positions = first * span + (shard_id - first) + size * np.arange(span, dtype=np.int64)
+    return stream[positions // repeats]
 
 
 def resume_point(epoch: int, batches_done: int, steps: int) -> tuple[int, int]:

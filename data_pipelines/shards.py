@@ -32,7 +32,9 @@ shards so that ranks read distinct shards:
   ``steps * batch_size`` images: every rank the same number of full batches, each reading about
   ``1 / world`` of the shards, the few images left over differing from epoch to epoch;
 * validation: the shards in order, cut into contiguous slices that hold each image exactly once;
-* resume: ``start_step`` skips exactly the batches fed, as for folders.
+* resume: ``start_step`` skips exactly the batches fed, as for folders;
+* repeated augmentation: the folder path's rule (:func:`sharding.deal_repeated`), an image's
+  copies on different ranks, dealt within groups of ranks so that a rank still reads few shards.
 
 A sample id is the image's position in its split: the shards in manifest order, images in index
 order.
@@ -43,6 +45,8 @@ import json
 import os
 import shutil
 import tempfile
+import time
+import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -50,7 +54,8 @@ from pathlib import Path
 import numpy as np
 
 from . import layout
-from .sharding import steps_per_epoch, val_indices
+from .files import try_exclusive_lock
+from .sharding import deal_repeated, steps_per_epoch, val_indices
 
 FORMAT = "imagenet-trainer shards"
 VERSION = 1
@@ -243,18 +248,16 @@ def train_ids(
     repeats: int = 1,
 ) -> np.ndarray:
     """Sample ids rank ``shard_id`` feeds in ``epoch``, from batch ``start_step`` on: its
-    contiguous span of :func:`shard_stream`. ``repeats`` > 1 (repeated augmentation): the span's
-    first ``ceil(span / repeats)`` images, each ``repeats`` times in a row (so an image's copies go
-    to the same batch or the next, on this rank)."""
+    contiguous span of :func:`shard_stream`. ``repeats`` > 1 (repeated augmentation): the
+    stream's first images, each fed ``repeats`` times on different ranks, by the folder path's
+    rule (:func:`sharding.deal_repeated`), a rank's ids still in stream order."""
     if not 0 <= shard_id < num_shards:
         raise ValueError(f"shard_id={shard_id} is outside [0, num_shards={num_shards})")
     if repeats < 1:
         raise ValueError(f"repeats={repeats}: must be at least 1 (1: no repeated augmentation)")
     steps = steps_per_epoch(len(split), num_shards, batch_size)
-    span = steps * batch_size
-    mine = shard_stream(split, epoch=epoch, seed=seed)[shard_id * span : (shard_id + 1) * span]
-    if repeats > 1:
-        mine = np.repeat(mine[: -(-span // repeats)], repeats)[:span]
+    mine = deal_repeated(shard_stream(split, epoch=epoch, seed=seed), repeats=repeats, shard_id=shard_id,
+                         num_shards=num_shards, span=steps * batch_size)
     return mine[start_step * batch_size :]
 
 
@@ -279,8 +282,8 @@ def write_reader_indices(split: ShardSplit, ids: np.ndarray, folder: str | os.Pa
     DALI's reader reads a shard's samples in the order of its index's lines and accepts the same
     tar more than once, so one index per run of ``ids`` in one shard (the lines of the shard's own
     index, reordered and cut) makes ``fn.readers.webdataset(random_shuffle=False)`` read our order,
-    seeking within the tar. Written into ``folder``. A shard's runs are adjacent in our orders (one
-run, or for repeated augmentation a few), so its index is read once.
+    seeking within the tar. Written into ``folder``. A rank's ids follow the shard stream (repeated
+augmentation too), so each shard is one run and its index is read once.
     """
     folder = Path(folder)
     paths, indices, lines_of = [], [], {}
@@ -296,23 +299,103 @@ run, or for repeated augmentation a few), so its index is read once.
 
 
 INDEX_FOLDER_PREFIX = "imagenet-trainer-indices-"
+INDEX_FOLDER_LOCK = "lock"
+# A folder without a lock (made before the lock existed, or where the filesystem has none) is
+# removed only after this long untouched; a live rank rewrites its indices every epoch.
+UNLOCKED_FOLDER_AGE = 7 * 24 * 3600
 
 
-def index_folder(split: str, parent: str | os.PathLike | None = None) -> tempfile.TemporaryDirectory:
+class IndexFolder:
+    """A loader's private folder of reader indices, ``name``, removed with the object or by
+    :meth:`cleanup`. On disk ``PARENT/imagenet-trainer-indices-PID-SPLIT-RANDOM/`` holds ``name``
+    (``indices/``) and ``lock``, on which this object keeps an exclusive ``flock`` for the
+    folder's whole life: the kernel releases it when the process dies, however (SIGKILL, the OOM
+    killer), so a folder whose lock can be taken has no owner, whatever PID namespace made it."""
+
+    def __init__(self, split: str, parent: str | os.PathLike | None = None) -> None:
+        parent = Path(parent or tempfile.gettempdir())
+        sweep_index_folders(parent)
+        # Made under a hidden name and renamed once locked, so that no sweep sees it unlocked.
+        staging = Path(tempfile.mkdtemp(prefix=f".{INDEX_FOLDER_PREFIX}{os.getpid()}-{split}-", dir=parent))
+        fd = -1
+        try:
+            fd = os.open(staging / INDEX_FOLDER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+            try_exclusive_lock(fd)  # None: no locks here, the folder is swept by age (see the sweep)
+            (staging / "indices").mkdir()
+            root = staging.with_name(staging.name[1:])
+            os.rename(staging, root)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.root = root
+        self.name = str(root / "indices")
+        self._finalizer = weakref.finalize(self, _remove_held, root, fd, os.getpid())
+
+    def cleanup(self) -> None:
+        """Remove the folder and release its lock (once; later calls do nothing)."""
+        self._finalizer()
+
+
+def _remove_held(root: Path, fd: int, owner: int) -> None:
+    if os.getpid() != owner:  # a forked child exiting: the folder is its parent's
+        return
+    try:
+        shutil.rmtree(root, ignore_errors=True)
+    finally:
+        os.close(fd)  # after the removal: no sweep takes the lock of a folder being removed
+
+
+def index_folder(split: str, parent: str | os.PathLike | None = None) -> IndexFolder:
     """A private folder (in ``parent``, default the temp folder) for a loader's per-epoch reader
-    indices, removed with the object. Its name holds this process's pid: a process killed before
-    it could clean up (SIGKILL, a node's OOM killer) leaves its folder behind, up to about 115 MB
-    for one rank over ImageNet, so making a folder first removes those of processes of this host
-    that no longer exist."""
-    parent = Path(parent or tempfile.gettempdir())
+    indices, removed with the returned object (:class:`IndexFolder`). A process killed before it
+    could clean up (SIGKILL, a node's OOM killer) leaves its folder behind, up to about 115 MB
+    for one rank over ImageNet, so making a folder first removes those no live process holds
+    (:func:`sweep_index_folders`)."""
+    return IndexFolder(split, parent)
+
+
+def sweep_index_folders(parent: Path) -> None:
+    """Remove the reader index folders in ``parent`` that no process holds: those whose lock this
+    call can take. A folder without a lock (from a version before it) or on a filesystem without
+    locks goes only when untouched for ``UNLOCKED_FOLDER_AGE`` and its pid is not a live process
+    here: the pid alone can be another PID namespace's live rank (containers sharing /tmp).
+    Other users' folders, which cannot be opened, stay."""
     for old in parent.glob(f"{INDEX_FOLDER_PREFIX}*-*"):
-        pid = old.name[len(INDEX_FOLDER_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    return tempfile.TemporaryDirectory(prefix=f"{INDEX_FOLDER_PREFIX}{os.getpid()}-{split}-", dir=parent)
+        if not old.is_dir():
+            continue
+        try:
+            fd = os.open(old / INDEX_FOLDER_LOCK, os.O_RDWR)
+        except FileNotFoundError:
+            if _unlocked_and_abandoned(old):
+                shutil.rmtree(old, ignore_errors=True)
+            continue
+        except OSError:  # another user's, or going away
+            continue
+        try:
+            free = try_exclusive_lock(fd)
+            if free or (free is None and _unlocked_and_abandoned(old)):
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _unlocked_and_abandoned(folder: Path) -> bool:
+    """For a folder no lock speaks for: its pid is not a live process here and neither it nor its
+    ``indices`` changed for ``UNLOCKED_FOLDER_AGE``."""
+    pid = folder.name[len(INDEX_FOLDER_PREFIX):].split("-", 1)[0]
+    if not pid.isdigit() or _alive(int(pid)):
+        return False
+    try:
+        changed = max(p.stat().st_mtime for p in (folder, folder / "indices") if p.exists())
+    except (OSError, ValueError):
+        return False
+    return time.time() - changed > UNLOCKED_FOLDER_AGE
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process in this PID namespace (says nothing of other namespaces)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -51,6 +51,22 @@ train, val = dm.splits
 """
 
 
+class VirtualClock:
+    """Stands in for filelist's ``time`` module: ``sleep`` only moves ``monotonic`` on, so a wait of
+    any length takes no real time, and no load on the machine can stretch it or cut it short."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    time = staticmethod(time.time)  # the wall-clock stamps of notes stay real
+
+
 def _age(root: Path, seconds: float = 60.0) -> None:
     """Move every folder's mtime into the past: a tree written just now is not cached (filelist.py)."""
     past = time.time() - seconds
@@ -89,13 +105,13 @@ def test_four_processes_list_each_split_once_and_get_the_same_lists(root, tmp_pa
         for r in range(4)
     ]
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # guards against a process that never gets ready, not a measure
         while len(list(out.glob("ready-*"))) < 4 and time.monotonic() < deadline:
             assert all(p.poll() is None for p in procs), [p.communicate()[1] for p in procs if p.poll()]
             time.sleep(0.05)
         (out / "go").touch()  # all four ask for the lists at once, against an empty cache
         for p in procs:
-            _, err = p.communicate(timeout=120)
+            _, err = p.communicate(timeout=600)
             assert p.returncode == 0, err
     finally:
         for p in procs:
@@ -112,13 +128,14 @@ def test_four_processes_list_each_split_once_and_get_the_same_lists(root, tmp_pa
     assert not list((cache_home / "imagenet-trainer").glob("*.note"))  # nothing left for anyone to wait on
 
 
-def test_a_waiter_times_out_naming_the_file_when_no_list_comes(root, tmp_path):
+def test_a_waiter_times_out_naming_the_file_when_no_list_comes(root, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    start = time.monotonic()
+    monkeypatch.setattr(filelist, "time", clock := VirtualClock())
     with pytest.raises(ListingTimeout) as err:
-        filelist.cached_split(root, "train", cache_dir=cache, launch=WAITER, timeout=0.3)
-    assert time.monotonic() - start < 10
+        filelist.cached_split(root, "train", cache_dir=cache, launch=WAITER, timeout=120)
+    assert clock.now >= 120  # it waited the whole timeout
     message = str(err.value)
+    assert "waited 120 s" in message
     assert str(filelist.cache_path(root, "train", cache_dir=cache)) in message
     assert "rank 3 waited" in message and "data.filelist_cache=false" in message
 
@@ -151,7 +168,7 @@ def test_a_lister_reads_the_list_written_while_it_waited_for_the_lock(root, tmp_
     assert filelist.cached_split(root, "train", cache_dir=cache) == first
 
 
-def test_waiters_get_the_listers_layout_error_at_once(tmp_path):
+def test_waiters_get_the_listers_layout_error_at_once(tmp_path, monkeypatch):
     root = make_sample_tree(tmp_path / "imagenet", num_classes=2, train_per_class=2, val_per_class=1,
                             image_size=(32, 32))
     (root / "train" / "n_empty").mkdir()
@@ -159,15 +176,17 @@ def test_waiters_get_the_listers_layout_error_at_once(tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(layout.DataLayoutError, match="holds no images"):
         filelist.cached_split(root, "train", cache_dir=cache)
-    start = time.monotonic()
+    monkeypatch.setattr(filelist, "time", clock := VirtualClock())
     with pytest.raises(layout.DataLayoutError, match="n_empty holds no images"):
         filelist.cached_split(root, "train", cache_dir=cache, launch=WAITER, timeout=60)
-    assert time.monotonic() - start < 10
+    assert clock.now == 0  # at once: the lister's note was read on the first look, nothing waited for
 
 
 def test_waiters_list_a_tree_too_fresh_to_cache_themselves(tmp_path, monkeypatch):
     root = make_sample_tree(tmp_path / "imagenet", num_classes=2, train_per_class=2, val_per_class=1,
                             image_size=(32, 32))  # just written: not cached (filelist.py)
+    # "Just" however long writing the tree took on a loaded machine: every change counts as recent.
+    monkeypatch.setattr(filelist, "_RACY_SECONDS", 10**9)
     cache = tmp_path / "cache"
     assert filelist.cached_split(root, "train", cache_dir=cache) == layout.scan_split(root, "train")
     assert not list(cache.glob("*.txt"))
@@ -182,14 +201,17 @@ def test_a_nodes_first_process_lists_when_no_lister_shares_its_cache_folder(root
     assert filelist.cache_path(root, "train", cache_dir=cache).is_file()
 
 
-def test_a_nodes_first_process_waits_for_a_lister_that_shares_its_folder(root, tmp_path):
+def test_a_nodes_first_process_waits_for_a_lister_that_shares_its_folder(root, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
+    # Waits in virtual time: a real 0.5 s timeout would call this test's note stale on a slow machine.
+    monkeypatch.setattr(filelist, "time", clock := VirtualClock())
     cache.mkdir()
     note = filelist._note_file(filelist.cache_path(root, "train", cache_dir=cache))
     note.write_text(json.dumps({"state": "listing", "host": socket.gethostname(), "pid": os.getpid(),
                                 "time": time.time()}))  # a live lister (this test) on the shared folder
     with pytest.raises(ListingTimeout, match="says listing by pid"):
-        filelist.cached_split(root, "train", cache_dir=cache, launch=NODE_FIRST, grace=0.1, timeout=0.5)
+        filelist.cached_split(root, "train", cache_dir=cache, launch=NODE_FIRST, grace=0.1, timeout=120)
+    assert clock.now >= 120  # past the grace period, up to the timeout: it did not list for itself
 
     # The same note left by a lister that died: not a lister, so the node lists for itself.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

@@ -19,7 +19,7 @@ import pytest
 
 from data_pipelines import layout, pack as packing, photos
 from data_pipelines.shards import FORMAT, INDEX_VERSION, MANIFEST, SPLITS, VERSION, read_manifest
-from tests.conftest import REPO, skip_without_dali
+from tests.conftest import REPO, run_cli, skip_without_dali
 
 SHARD = "64KB"  # about 15 of the tree's images a shard: several shards per split
 LONG_STEM = "a long.name " * 10  # a key over ustar's 100 bytes, with dots and spaces to replace
@@ -197,21 +197,23 @@ def _pack_cmd(root: Path, out: Path) -> list[str]:
 
 
 def test_killed_pack_resumes_keeping_finished_shards(tree, packed, tmp_path, capsys):
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", packing.DELAY_ENV: "0.5"}
+    out, paused = tmp_path / "out", tmp_path / "paused"
+    # The writer stops after its first shard and says so in `paused`: killed there, not at a time.
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", packing.PAUSE_ENV: str(paused)}
     proc = subprocess.Popen(_pack_cmd(tree, out), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while not list((out / packing.STATE).glob("*.json")):
+        deadline = time.monotonic() + 600  # a guard against a pack that never gets there, not a measure
+        while not (paused.exists() and paused.read_text().endswith("\n")):  # a whole line: the shard's name
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no shard finished in 120 s"
+            assert time.monotonic() < deadline, "no shard finished in 600 s"
             time.sleep(0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
     finished = sorted(p.stem for p in (out / packing.STATE).glob("*.json"))
     total = len(list(packed.glob("*.tar")))
-    assert 1 <= len(finished) < total and not (out / MANIFEST).exists()
+    assert finished == paused.read_text().split() == ["train-000000"] and total > 1
+    assert not (out / MANIFEST).exists()
     before = _stats(out)
     assert set(before) >= {f"{name}.tar" for name in finished}
 
@@ -342,3 +344,27 @@ def test_a_resumed_pack_decodes_only_the_images_of_shards_still_to_write(tree, t
         assert again.ok and str(changed) in decoded[-1]
     finally:  # the tree is the module's
         os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_a_resumed_pack_with_a_relative_root_decodes_nothing_again_and_says_so(tmp_path):
+    """`pack data/sample out` run again from the same folder: the records hold each file's absolute
+    path, so the plan must too, or every image is decoded again under a log saying it was not. Only
+    a decode can see a file changed in place with its size and mtime kept (the digest's premise):
+    a pack that decodes it stops with exit 1, one that trusts its records keeps every shard."""
+    root = tmp_path / "data" / "sample"
+    photos.write_tree(root, "train", classes=2, num_images=12, sizes=(48, 32))
+    victim = photos.write_tree(root, "val", classes=2, num_images=4, sizes=(48, 32), seed=1)[1]
+    args = ["pack", "data/sample", "out", "--shard-size", "8KB", "--workers", "1"]
+    first = run_cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    shards = len(list((tmp_path / "out").glob("*.tar")))
+
+    before = victim.stat()
+    victim.write_bytes(b"\0" * before.st_size)  # no longer a JPEG, to a decoder only
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
+    again = run_cli(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "decoding 0 of the 16 images" in again.stderr
+    assert "16 of the 16 images are in shards an earlier pack" in again.stderr
+    assert f"kept {shards} finished shard(s) of an earlier run (verified), wrote 0" in again.stderr
+    assert "decoding 16 of the 16 images" in first.stderr

@@ -72,12 +72,14 @@ def test_validation_reads_every_image_once_across_ranks():
         assert np.concatenate(parts).tolist() == list(range(len(split)))
 
 
-def test_repeated_augmentation_feeds_each_chosen_image_repeats_times():
+def test_repeated_augmentation_feeds_each_chosen_image_repeats_times_over_the_ranks():
+    # The copies' placement on ranks, the same for folders: tests/test_sharding.py.
     split = _split(COUNTS)
-    ids = shards.train_ids(split, epoch=0, seed=1, shard_id=0, num_shards=2, batch_size=6, repeats=3)
-    assert len(ids) == (len(split) // 12) * 6
-    values, counts = np.unique(ids, return_counts=True)
-    assert set(counts.tolist()) == {3} and len(values) == len(ids) // 3
+    ranks = [shards.train_ids(split, epoch=0, seed=1, shard_id=r, num_shards=2, batch_size=6, repeats=3)
+             for r in range(2)]
+    assert [len(ids) for ids in ranks] == [(len(split) // 12) * 6] * 2
+    values, counts = np.unique(np.concatenate(ranks), return_counts=True)
+    assert set(counts.tolist()) == {3} and len(values) == 2 * len(ranks[0]) // 3
 
 
 def test_too_few_images_for_one_batch_per_rank_is_a_clear_error():
@@ -262,20 +264,91 @@ def test_an_image_damaged_inside_a_shard_stops_every_backend_naming_the_shard(ti
     assert "sha256" in message and "imagenet-trainer pack" in message
 
 
-def test_reader_index_folders_of_dead_processes_are_removed(tmp_path):
-    """A rank killed by SIGKILL cannot remove its folder of reader indices; the next loader's does."""
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    gone = tmp_path / f"{shards.INDEX_FOLDER_PREFIX}{int(dead.stdout)}-train-abc"
-    gone.mkdir()
-    (gone / "000000-train-000000.idx").write_text("v1.2 0\n")
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+def _held_index_folder(parent: Path):
+    """A process holding a reader index folder made in ``parent`` by the real function: (the
+    process, which holds it until its stdin closes, and the folder it made there), once made."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom data_pipelines import shards\n"
+         "folder = shards.index_folder('train', parent=sys.argv[1])\nprint(folder.name, flush=True)\nsys.stdin.read()",
+         str(parent)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert owner.stdout.readline().strip(), "the owner made no folder"  # the event: made and held
+    (folder,) = parent.glob(f"{shards.INDEX_FOLDER_PREFIX}*")
+    return owner, folder
+
+
+def _rename_with_pid(folder: Path, pid: int) -> Path:
+    """``folder`` as if made by process ``pid`` (another PID namespace's numbering)."""
+    random = folder.name[len(shards.INDEX_FOLDER_PREFIX):].split("-", 1)[1]
+    return folder.rename(folder.with_name(f"{shards.INDEX_FOLDER_PREFIX}{pid}-{random}"))
+
+
+def test_a_reader_index_folder_held_by_a_live_process_survives_whatever_pid_its_name_carries(tmp_path):
+    """Containers with their own PID namespaces share /tmp: a live rank's folder may carry a pid
+    that is free here. The owner's lock, not the pid, says it is alive."""
+    owner, folder = _held_index_folder(tmp_path)
+    try:
+        folder = _rename_with_pid(folder, _dead_pid())
+        mine = shards.index_folder("train", parent=tmp_path)  # sweeps
+        assert folder.is_dir(), "a live process's folder was removed"
+        assert Path(mine.name).is_dir()
+        mine.cleanup()
+    finally:
+        owner.stdin.close()
+        owner.wait(timeout=60)
+
+
+def test_a_reader_index_folder_of_a_killed_process_is_removed_whatever_pid_its_name_carries(tmp_path):
+    """A rank killed by SIGKILL cannot remove its folder; the next loader's sweep does, even if the
+    folder's pid is some live process's here (this one's)."""
+    import os
+
+    owner, folder = _held_index_folder(tmp_path)
+    owner.kill()
+    owner.wait(timeout=60)  # reaped: the kernel has closed its files, released its lock
+    owner.stdin.close()
+    folder = _rename_with_pid(folder, os.getpid())
     mine = shards.index_folder("train", parent=tmp_path)
-    other = shards.index_folder("val", parent=tmp_path)  # a live process's (this one's) stays
-    assert not gone.exists() and Path(mine.name).is_dir() and Path(other.name).is_dir()
+    other = shards.index_folder("val", parent=tmp_path)  # a live folder (this process's) stays
+    assert not folder.exists()
+    assert Path(mine.name).is_dir() and Path(other.name).is_dir()
     mine.cleanup()
-    assert not Path(mine.name).exists()
+    assert not Path(mine.name).exists() and Path(other.name).is_dir()
+    other.cleanup()
+    assert list(tmp_path.iterdir()) == []  # nothing left behind, lock included
+
+
+def test_reader_index_folders_without_a_lock_are_removed_only_when_long_untouched_and_their_pid_gone(tmp_path):
+    """Folders of versions before the lock: their pid may be another namespace's live rank, so one
+    is removed only if no process here has that pid and it has not changed for a week (a live
+    rank rewrites its indices every epoch)."""
+    import os
+    import time
+
+    old, young, alive = (tmp_path / f"{shards.INDEX_FOLDER_PREFIX}{pid}-train-{tag}"
+                         for pid, tag in ((_dead_pid(), "old"), (_dead_pid(), "young"), (os.getpid(), "alive")))
+    for folder in (old, young, alive):
+        folder.mkdir()
+        (folder / "000000-train-000000.idx").write_text("v1.2 0\n")
+    week_ago = time.time() - 8 * 24 * 3600
+    for folder in (old, alive):
+        os.utime(folder, (week_ago, week_ago))
+    mine = shards.index_folder("train", parent=tmp_path)
+    assert not old.exists() and young.is_dir() and alive.is_dir()
+    mine.cleanup()
 
 
 def test_check_data_on_a_pack_checks_every_shard_against_its_manifest(tiny_pack, tmp_path):
