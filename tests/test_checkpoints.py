@@ -179,7 +179,7 @@ def test_allowed_resume_change_warns_what_is_re_derived_and_runs(run_dir, caplog
     assert warning.levelno == logging.WARNING
     assert "the global batch (data.batch_size x world size) 4 (this run: 8)" in said
     assert "trainer.max_epochs 1 (this run: 2)" in said
-    assert "schedule's length is re-derived" in said and "step 8" in said
+    assert "schedule's length is re-derived" in said and "start of the checkpoint's epoch" in said
     assert "peak lr stays the checkpoint's (0.004)" in said  # 0.256 x 4 / 256
     assert "restarts from its first batch" in said
     # Epoch 2 of the new size: 32 images / 8 per step.
@@ -348,3 +348,57 @@ def test_last_ckpt_moves_in_epochs_without_validation(tmp_path):
     cb = _best_and_last(tmp_path)
     _scripted_fit(tmp_path, [0.5, 0.4, 0.3], checkpoint=cb, stop_at=2, check_val_every_n_epoch=2)
     assert _step(tmp_path / "checkpoints" / "last.ckpt") == 8  # epoch 1 ran no validation
+
+
+# --- the lr schedule after a resume with other steps per epoch -----------------------------------
+
+
+def _lr_course(run_dir, ckpt_dir=None) -> list[tuple[int, float]]:
+    """(step, lr / peak lr) of every training step in ``run_dir``'s metrics.csv; the peak is the
+    scheduler's base lr in the run's last checkpoint (a resumed run keeps the checkpoint's)."""
+    import csv
+
+    peak = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["lr_schedulers"][0]["base_lrs"][0]
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        return [(int(r["step"]), float(r["lr"]) / peak) for r in csv.DictReader(f) if r.get("lr")]
+
+
+def _schedule_overrides(run_dir, *more):
+    return _overrides(run_dir, "trainer.log_every_n_steps=1", "optim.warmup_epochs=1", "optim.schedule=cosine",
+                      *more)
+
+
+def _assert_follows_epochs(resumed, fresh, *, first_epoch: int, steps_per_epoch: int):
+    """Each resumed step's lr factor equals the fresh run's at the same point in epochs, within a step."""
+    resumed_after = resumed[-(len(fresh) - first_epoch * steps_per_epoch):]
+    assert len(resumed_after) == len(fresh) - first_epoch * steps_per_epoch
+    for i, (_, factor) in enumerate(resumed_after):
+        at = first_epoch * steps_per_epoch + i
+        near = [fresh[j][1] for j in (at - 1, at, at + 1) if 0 <= j < len(fresh)]
+        assert min(abs(factor - f) for f in near) < 1e-6, (i, factor, fresh[at])
+    assert resumed_after[-1][1] > 0  # not the end of the cosine already
+
+
+@pytest.mark.parametrize("old_batch, new_batch", [(4, 8), (8, 4)])
+def test_a_resume_with_another_batch_follows_the_schedule_in_epochs(tmp_path, old_batch, new_batch):
+    run_dir, fresh_dir = tmp_path / "run", tmp_path / "fresh"
+    fit(load_config(_schedule_overrides(run_dir, f"data.batch_size={old_batch}", "trainer.max_epochs=2")))
+    fit(load_config(_schedule_overrides(run_dir, f"data.batch_size={new_batch}", "trainer.max_epochs=4",
+                                        "run.allow_resume_change=true")))
+    fit(load_config(_schedule_overrides(fresh_dir, f"data.batch_size={new_batch}", "trainer.max_epochs=4")))
+    fresh = _lr_course(fresh_dir)
+    assert len(fresh) == 4 * 32 // new_batch
+    _assert_follows_epochs(_lr_course(run_dir), fresh, first_epoch=2, steps_per_epoch=32 // new_batch)
+
+
+def test_a_resume_on_fewer_processes_follows_the_schedule_in_epochs(tmp_path):
+    from tests.conftest import run_cli
+
+    run_dir, fresh_dir = tmp_path / "run", tmp_path / "fresh"
+    two = run_cli("fit", *_schedule_overrides(run_dir, "trainer.max_epochs=2", "trainer.devices=2"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["steps_per_epoch"] == 4
+    one = run_cli("fit", *_schedule_overrides(run_dir, "trainer.max_epochs=4", "run.allow_resume_change=true"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    fit(load_config(_schedule_overrides(fresh_dir, "trainer.max_epochs=4")))
+    _assert_follows_epochs(_lr_course(run_dir), _lr_course(fresh_dir), first_epoch=2, steps_per_epoch=8)

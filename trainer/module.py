@@ -5,6 +5,8 @@ The losses, optimisers and schedules themselves are in ``losses.py``, ``optim.py
 """
 from __future__ import annotations
 
+import math
+
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
@@ -135,6 +137,9 @@ class Classifier(pl.LightningModule):
         # nan_strategy="disable": the default NaN check reads a value back (a GPU sync) every step,
         # and a count cannot be NaN.
         self.val_images = SumMetric(nan_strategy="disable")
+        self._steps_per_epoch: float | None = None  # optimiser steps per epoch, set with the schedule
+        self._resumed_steps_per_epoch: float | None = None  # the resumed checkpoint's
+        self._restart_epoch = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -200,6 +205,40 @@ class Classifier(pl.LightningModule):
         # With the config's per-device batch, the global batch the peak lr and the schedule were
         # derived from: a resume compares them with its own (trainer/run.py).
         checkpoint["world_size"] = self.trainer.world_size
+        # The unit of the scheduler's step count: a resume with another one re-reads it in epochs.
+        checkpoint["steps_per_epoch"] = self._steps_per_epoch
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resumed_steps_per_epoch = checkpoint.get("steps_per_epoch")  # absent before it was saved
+
+    def restart_epoch(self) -> None:
+        """The resumed run trains the checkpoint's epoch again from its first batch (the DataModule's
+        ``restart_epoch``): the schedule resumes at that epoch's start too. Call before ``fit``."""
+        self._restart_epoch = True
+
+    def on_train_start(self) -> None:
+        self._continue_schedule_in_epochs()
+
+    def _continue_schedule_in_epochs(self) -> None:
+        """After a resume whose steps per epoch differ from the checkpoint's (another global batch,
+        world size or accumulation), move the restored schedule to the same point of the run in
+        epochs. Lightning restores the scheduler's step count, which counts the checkpoint's
+        steps: read in this run's, a larger batch would jump to the end of the cosine (lr 0) and a
+        smaller one back up it."""
+        old, new = self._resumed_steps_per_epoch, self._steps_per_epoch
+        self._resumed_steps_per_epoch = None
+        if old is None or new is None or math.isclose(old, new):
+            return
+        scheduler = self.lr_schedulers()
+        epochs_done = scheduler.last_epoch / old
+        if self._restart_epoch:  # the data restarts the epoch: so does the schedule
+            epochs_done = math.floor(epochs_done + 1e-9)
+        step = int(round(epochs_done * new))
+        scheduler.last_epoch = step
+        lrs = [base * f(step) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
 
     # --- optimiser and schedule ----------------------------------------------------------
 
@@ -235,6 +274,7 @@ class Classifier(pl.LightningModule):
         # Optimiser steps: Lightning divides the batches by accumulate_grad_batches.
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs)
+        self._steps_per_epoch = steps_per_epoch
         warmup_epochs = hp.warmup_epochs
         if hp.schedule == "linear" and hp.get("peak_epoch") is not None:  # absent from older checkpoints
             warmup_epochs = max(warmup_epochs, hp.peak_epoch)  # one ramp from zero up to the peak (FFCV's)

@@ -365,7 +365,8 @@ def _read_resume_state(ckpt_path: Path) -> dict:
     return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def _check_resume(ckpt_path: Path, ckpt: dict, cfg: DictConfig, trainer: pl.Trainer, dm: ImageNetDataModule) -> None:
+def _check_resume(ckpt_path: Path, ckpt: dict, cfg: DictConfig, trainer: pl.Trainer, dm: ImageNetDataModule,
+                  module: Classifier) -> None:
     """Refuse (ConfigError) to resume from ``ckpt_path`` (read as ``ckpt``) with another world size,
     global batch or trainer.max_epochs, unless run.allow_resume_change; then warn what follows from
     the change, and restart the checkpoint's epoch when its count of trained batches is of another
@@ -387,12 +388,15 @@ def _check_resume(ckpt_path: Path, ckpt: dict, cfg: DictConfig, trainer: pl.Trai
     lr_changed = any(what != "trainer.max_epochs" for what, _, _ in changes)
     batch_changed = any(what not in ("trainer.max_epochs", "trainer.accumulate_grad_batches") for what, _, _ in changes)
     if batch_changed:
+        module.restart_epoch()
         dm.restart_epoch()
         trainer.callbacks.append(RestartResumedEpoch())
     if not trainer.is_global_zero:
         return
     # What Lightning restores (verified in tests/test_checkpoints.py): the scheduler's base lr (the
-    # peak) and the step count; the lambda, and with it the schedule's length, is this run's.
+    # peak) and the step count; the lambda, and with it the schedule's length, is this run's, and
+    # Classifier re-reads the step count in epochs when the steps per epoch changed.
+    where = "the start of the checkpoint's epoch" if batch_changed else "the checkpoint's point of the run"
     said = [f"resuming from {ckpt_path} with {listed} (run.allow_resume_change=true).",
             f"The lr schedule's length is re-derived from this run's trainer.max_epochs and steps per epoch, "
             f"and it continues from the checkpoint's step {ckpt.get('global_step')}."]
@@ -428,7 +432,7 @@ def fit(cfg: DictConfig) -> dict | None:
                             resume_step=first_logged_step(resumed) if resumed is not None else None)
     if resume_from is not None:
         # Before config.yaml is written: a refused resume leaves the run directory as it was.
-        _check_resume(resume_from, resumed, cfg, trainer, dm)
+        _check_resume(resume_from, resumed, cfg, trainer, dm, module)
     _write_text(run_dir / "config.yaml", to_yaml(cfg))
     ckpt_path = str(resume_from) if resume_from else None
     if ckpt_path:
