@@ -1,6 +1,7 @@
-"""Training augmentations shared by the backends: the automatic augmentation policies and their
-settings (one set of numbers for DALI's and torchvision's implementations), and random erasing
-of a whole batch for the DALI loaders.
+"""Training augmentations shared by the backends: the training crop (random-resized, or the
+CIFAR pad-and-crop), the automatic augmentation policies and their settings (one set of numbers
+for DALI's and torchvision's implementations), and random erasing of a whole batch for the DALI
+loaders.
 
 Where each runs: on the device that decodes. dali_gpu: DALI's ``auto_aug`` on the GPU; dali_cpu:
 DALI's ``auto_aug`` on the CPU; torchvision: ``torchvision.transforms.v2`` in the DataLoader
@@ -17,6 +18,18 @@ import torch
 from . import IMAGENET_MEAN
 
 AUTO_AUGMENTS = ("none", "trivial_wide", "rand_augment")
+
+# The training crop (``aug.crop``), the same on every backend:
+#   rrc: random-resized crop, area [0.08, 1] of the image, aspect [3/4, 4/3], resized to the crop
+#        size (Inception's, the ImageNet recipes'); then a random horizontal flip.
+#   pad_crop: the CIFAR-10 augmentation of He et al. 2015 (section 4.2): the whole image resized
+#        to the crop size (a no-op for 32x32 CIFAR images at 32), CROP_PADDING zero (black) pixels
+#        added on each side, a random crop of the crop size (a shift of at most the padding in
+#        each direction), then a random horizontal flip.
+CROPS = ("rrc", "pad_crop")
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+CROP_PADDING = 4  # the paper's 4 px on each side of a 32 px image
 
 # RandAugment as torchvision's recipe runs it (and its defaults): 2 operations of magnitude 9 of 31 bins.
 RAND_AUGMENT_OPS = 2
@@ -42,6 +55,16 @@ ERASE_ATTEMPTS = 10
 def check_auto_augment(name: str) -> str:
     if name not in AUTO_AUGMENTS:
         raise ValueError(f"auto_augment={name!r}: expected one of {', '.join(AUTO_AUGMENTS)}")
+    return name
+
+
+def check_crop(name: str, padding: int = CROP_PADDING) -> str:
+    """``name`` if it is one of :data:`CROPS` and ``padding`` (px added on each side by pad_crop)
+    is a whole number of pixels, 0 or more; else a ValueError naming the argument."""
+    if name not in CROPS:
+        raise ValueError(f"crop={name!r}: expected one of {', '.join(CROPS)}")
+    if isinstance(padding, bool) or not isinstance(padding, (int, np.integer)) or padding < 0:
+        raise ValueError(f"crop_padding={padding!r}: a number of pixels, 0 or more")
     return name
 
 

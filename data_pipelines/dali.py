@@ -274,7 +274,10 @@ def _resize_into(batch: torch.Tensor, start: int, crops: Sequence[torch.Tensor],
     for i, (crop, flip) in enumerate(zip(crops, flips), start):
         # A channels_last view of the HWC crop: torch's fastest uint8 path, no copy of the input.
         chw = crop.permute(2, 0, 1).unsqueeze(0)
-        resized = F.interpolate(chw, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        if chw.shape[-2:] == size:  # already the size (pad_crop's crops): kept as they are
+            resized = chw[0]
+        else:
+            resized = F.interpolate(chw, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
         batch[i] = resized.flip(-1) if flip else resized
 
 
@@ -307,19 +310,27 @@ def train_pipeline(
     hw_decoder_load: float = 0.65,
     use_mmap: bool = True,
     auto_augment: str = "none",
+    crop_mode: str = "rrc",
+    crop_padding: int = augment.CROP_PADDING,
 ):
     """Read the samples ``read`` names, in order (``read(use_mmap)`` makes the reader's
-    ``(encoded, labels)`` nodes: :meth:`FileSource.reading`, :meth:`ShardSource.reading`); random-resized crop (area [0.08, 1], aspect [3/4, 4/3]) decoded
-    as a region of interest, resized to ``crop`` x ``crop``, random flip; ``auto_augment``
-    (not "none"): DALI's TrivialAugmentWide or RandAugment on the uint8 crop, on the pipeline's
-    device (call with ``enable_conditionals=True`` then).
+    ``(encoded, labels)`` nodes: :meth:`FileSource.reading`, :meth:`ShardSource.reading`); the
+    training crop ``crop_mode`` (:data:`augment.CROPS`) to ``crop`` x ``crop``: ``rrc``, a
+    random-resized crop (area [0.08, 1], aspect [3/4, 4/3]) decoded as a region of interest and
+    resized; ``pad_crop``, the whole image decoded, resized to ``crop`` x ``crop``, and a
+    ``crop`` x ``crop`` window shifted by a random whole number of pixels in
+    [-``crop_padding``, ``crop_padding``] along each axis, the uncovered part black (a slice
+    that pads: torchvision's Pad + RandomCrop in one operator); then a random flip.
+    ``auto_augment`` (not "none"): DALI's TrivialAugmentWide or RandAugment on the uint8 crop,
+    on the pipeline's device (call with ``enable_conditionals=True`` then).
 
     ``device="gpu"``: decoded by nvJPEG (``mixed``), resized, flipped and normalised on the GPU:
     CHW in ``dtype`` (HWC with ``channels_last``: the loader views it as a channels_last NCHW
     tensor, so the model gets its memory layout without a copy); outputs ``(images, labels)``.
     ``device="cpu"``: decoded by libjpeg-turbo; outputs ``(crops, flips, labels)``, the crops
-    HWC uint8 at their decoded sizes (``dtype`` is not used). The loader resizes and flips them
-    (:func:`resize_and_flip`) while DALI decodes the next batch, and hands over **uint8** CHW:
+    HWC uint8 at their decoded sizes (pad_crop's: ``crop`` x ``crop`` already; ``dtype`` is not
+    used). The loader resizes and flips them (:func:`resize_and_flip`) while DALI decodes the
+    next batch, and hands over **uint8** CHW:
     the consumer normalises on its device (:func:`data_pipelines.normalize`), which moves 4x
     fewer bytes and keeps the normalisation off the CPU when training runs on a GPU.
 
@@ -328,14 +339,27 @@ def train_pipeline(
     """
     jpegs, labels_out = read(use_mmap)
     gpu = device == "gpu"
-    images = fn.decoders.image_random_crop(
-        jpegs,
+    augment.check_crop(crop_mode, crop_padding)
+    decoding = dict(
         device="mixed" if gpu else "cpu",
         output_type=types.RGB,  # CMYK, grayscale and PNG all become 3-channel RGB
-        random_area=[0.08, 1.0],
-        random_aspect_ratio=[3 / 4, 4 / 3],
-        num_attempts=100,
         **(_mixed_decoder_hints(hw_decoder_load) if gpu else {}),
+    )
+    if crop_mode == "pad_crop":
+        images = _pad_crop(fn.decoders.image(jpegs, **decoding), crop, crop_padding)
+        flip = fn.random.coin_flip(probability=0.5)
+        if auto_augment != "none":  # on the finished crop, as torchvision orders it
+            images = _auto_augment(images, auto_augment, shape=(crop, crop))
+        if not gpu:  # crop x crop already: the loader's resize keeps them as they are, and flips
+            return images, flip, labels_out
+        images = _normalize(images, crop=crop, dtype=dtype, layout=_layout(channels_last), mirror=flip)
+        return images, labels_out.gpu()
+    images = fn.decoders.image_random_crop(
+        jpegs,
+        random_area=list(augment.RRC_SCALE),
+        random_aspect_ratio=list(augment.RRC_RATIO),
+        num_attempts=100,
+        **decoding,
     )
     flip = fn.random.coin_flip(probability=0.5)
     if not gpu:  # the crops, their flips and labels: the loader resizes (resize_and_flip)
@@ -354,6 +378,23 @@ def train_pipeline(
         images = _auto_augment(images, auto_augment, shape=(crop, crop))
     images = _normalize(images, crop=crop, dtype=dtype, layout=_layout(channels_last), mirror=flip)
     return images, labels_out.gpu()
+
+
+def _pad_crop(images, size: int, padding: int):
+    """HWC uint8 ``images`` of any size -> ``size`` x ``size``: resized to that square, then
+    the ``size`` x ``size`` window starting at a random (x, y) in [-``padding``, ``padding``]^2
+    (whole pixels, each value equally likely: torchvision's RandomCrop of the image padded by
+    ``padding`` on each side), the part outside the image filled with black (0). On the images'
+    device; the random start is drawn on the CPU (an argument input). On the CPU the resize runs
+    in DALI, not in the loader's faster torch kernel (:func:`resize_and_flip`): nothing to do for
+    images already of the crop size (CIFAR's), a cost for large ones."""
+    images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
+    if padding == 0:
+        return images
+    shifts = [float(v) for v in range(-padding, padding + 1)]
+    start = fn.random.uniform(values=shifts, shape=[2], dtype=types.INT32)  # (x, y), as axis_names
+    return fn.slice(images, start=start, shape=[size, size], axis_names="WH", out_of_bounds_policy="pad",
+                    fill_values=augment.FILL)
 
 
 @pipeline_def(enable_conditionals=False)
@@ -415,9 +456,11 @@ class PipelineOptions:
 
     Sizes: ``image_size`` is the training crop, unless ``resolution`` gives one per epoch
     (:meth:`train_size`); validation resizes the shorter side to ``val_resize`` and centre-crops
-    ``val_image_size`` (``None``: ``image_size``). Augmentation: ``auto_augment`` (one of
-    :data:`augment.AUTO_AUGMENTS`, run by DALI on the decoding device) and ``random_erasing``
-    (a probability per image, applied to the finished batch on the device it is handed over on).
+    ``val_image_size`` (``None``: ``image_size``). Augmentation: ``crop`` (the training crop,
+    one of :data:`augment.CROPS`; ``crop_padding``: pad_crop's pixels on each side),
+    ``auto_augment`` (one of :data:`augment.AUTO_AUGMENTS`, run by DALI on the decoding device)
+    and ``random_erasing`` (a probability per image, applied to the finished batch on the device
+    it is handed over on).
     """
 
     image_size: int = 224
@@ -426,6 +469,8 @@ class PipelineOptions:
     resolution: ResolutionSchedule | None = None
     auto_augment: str = "none"
     random_erasing: float = 0.0
+    crop: str = "rrc"
+    crop_padding: int = augment.CROP_PADDING
     device: str = "gpu"
     device_id: int | None = None
     num_threads: int = 4
@@ -451,6 +496,7 @@ class PipelineOptions:
         if self.val_resize < self.val_image_size:
             raise ValueError(f"val_resize={self.val_resize} is smaller than {crop_name}={self.val_image_size}")
         augment.check_auto_augment(self.auto_augment)
+        augment.check_crop(self.crop, self.crop_padding)
         if not 0 <= self.random_erasing <= 1:
             raise ValueError(f"random_erasing={self.random_erasing}: a probability, in [0, 1]")
         if self.num_threads < 1 or self.prefetch < 1:
@@ -616,6 +662,7 @@ class DALILoader:
         if self.train:
             auto = self.options.auto_augment
             pipe = train_pipeline(read, crop=self.options.train_size(self._epoch), auto_augment=auto,
+                                  crop_mode=self.options.crop, crop_padding=self.options.crop_padding,
                                   enable_conditionals=auto != "none", **common)
         else:
             pipe = val_pipeline(read, image_size=self.options.val_image_size,

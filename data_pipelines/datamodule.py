@@ -70,9 +70,12 @@ class ImageNetDataModule(pl.LightningDataModule):
     (progressive resizing, for every backend); validation resizes to ``val_resize`` and
     centre-crops ``val_image_size`` (``None``: ``image_size``).
 
-    Augmentation, run where the backend decodes: ``auto_augment`` (one of
-    ``augment.AUTO_AUGMENTS``), ``random_erasing`` (probability per image), ``repeated_augment``
-    (each chosen image fed that many times per epoch: ``sharding.train_indices``). The synthetic
+    Augmentation, run where the backend decodes: ``crop`` (the training crop, one of
+    ``augment.CROPS``: ``rrc``, random-resized; ``pad_crop``, resized to ``image_size`` and
+    shifted by up to ``crop_padding`` px with black borders, as He et al. 2015 on CIFAR-10),
+    ``auto_augment`` (one of ``augment.AUTO_AUGMENTS``), ``random_erasing`` (probability per
+    image), ``repeated_augment`` (each chosen image fed that many times per epoch:
+    ``sharding.train_indices``). The synthetic
     backend has no images to augment and ignores them; MixUp and CutMix are the Classifier's.
     """
 
@@ -98,6 +101,8 @@ class ImageNetDataModule(pl.LightningDataModule):
         auto_augment: str = "none",
         random_erasing: float = 0.0,
         repeated_augment: int = 1,
+        crop: str = "rrc",
+        crop_padding: int = augment.CROP_PADDING,
     ) -> None:
         super().__init__()
         self.root = root
@@ -113,6 +118,8 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.auto_augment = augment.check_auto_augment(auto_augment)
         self.random_erasing = random_erasing
         self.repeated_augment = repeated_augment
+        self.crop = augment.check_crop(crop, crop_padding)
+        self.crop_padding = crop_padding
         self.num_workers = num_workers
         self.seed = seed
         self.filelist_cache = filelist_cache
@@ -232,7 +239,8 @@ class ImageNetDataModule(pl.LightningDataModule):
                 *_files_labels(split), batch_size=self.batch_size, image_size=self.image_size,
                 num_workers=self.num_workers, seed=self.seed, shard_id=rank, num_shards=world,
                 resume=self._resume_position(), resolution=self.resolution, auto_augment=self.auto_augment,
-                random_erasing=self.random_erasing, repeats=self.repeated_augment,
+                random_erasing=self.random_erasing, repeats=self.repeated_augment, crop=self.crop,
+                crop_padding=self.crop_padding,
             )
         loader = self._dali(split, train=True, rank=rank, world=world)
         if (position := self._resume_position()) is not None:
@@ -277,7 +285,8 @@ class ImageNetDataModule(pl.LightningDataModule):
             device_id=device_id, num_threads=max(1, self.num_workers),
             dtype=self.gpu_dtype if self.on_gpu else "float32", output_device=output_device,
             channels_last=self.channels_last, val_image_size=self.val_image_size, resolution=self.resolution,
-            auto_augment=self.auto_augment, random_erasing=self.random_erasing,
+            auto_augment=self.auto_augment, random_erasing=self.random_erasing, crop=self.crop,
+            crop_padding=self.crop_padding,
         )
         return DALILoader(*_files_labels(split), train=train, batch_size=self.batch_size, shard_id=rank,
                           num_shards=world, seed=self.seed, options=options, repeats=self.repeated_augment)

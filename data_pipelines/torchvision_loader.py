@@ -89,14 +89,22 @@ class ShardImages:
         return image, int(label)
 
 
-def train_transform(image_size: int, auto_augment: str = "none", random_erasing: float = 0.0) -> v2.Compose:
-    """Random-resized crop (area [0.08, 1], aspect [3/4, 4/3]) to ``image_size``, random flip,
-    then (as torchvision's ``ClassificationPresetTrain``) the automatic augmentation on the
-    PIL image, normalisation, and random erasing with probability ``random_erasing``."""
-    steps = [
-        v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
-        v2.RandomHorizontalFlip(),
-    ]
+def train_transform(image_size: int, auto_augment: str = "none", random_erasing: float = 0.0, *,
+                    crop: str = "rrc", crop_padding: int = augment.CROP_PADDING) -> v2.Compose:
+    """The training crop ``crop`` (:data:`augment.CROPS`) to ``image_size`` and a random flip:
+    ``rrc``, a random-resized crop (area [0.08, 1], aspect [3/4, 4/3]); ``pad_crop``, the image
+    resized to ``image_size`` square, ``crop_padding`` black pixels added on each side and a
+    random ``image_size`` crop of that (He et al.'s CIFAR-10 augmentation). Then (as
+    torchvision's ``ClassificationPresetTrain``) the automatic augmentation on the PIL image,
+    normalisation, and random erasing with probability ``random_erasing``."""
+    if augment.check_crop(crop, crop_padding) == "pad_crop":
+        steps = [
+            v2.Resize((image_size, image_size), antialias=True),
+            v2.RandomCrop(image_size, padding=crop_padding, fill=0, padding_mode="constant"),
+        ]
+    else:
+        steps = [v2.RandomResizedCrop(image_size, scale=augment.RRC_SCALE, ratio=augment.RRC_RATIO, antialias=True)]
+    steps.append(v2.RandomHorizontalFlip())
     bilinear = v2.InterpolationMode.BILINEAR  # the reference recipe's; v2's default is nearest
     if augment.check_auto_augment(auto_augment) == "trivial_wide":
         steps.append(v2.TrivialAugmentWide(num_magnitude_bins=augment.MAGNITUDE_BINS, interpolation=bilinear,
@@ -201,15 +209,20 @@ def build_train_loader(
     auto_augment: str = "none",
     random_erasing: float = 0.0,
     repeats: int = 1,
+    crop: str = "rrc",
+    crop_padding: int = augment.CROP_PADDING,
 ) -> DataLoader:
     """Training batches of rank ``shard_id``; ``resume`` = (epoch, batches of it already fed).
     ``resolution``: the crop size per epoch (else ``image_size``); ``repeats``: repeated
-    augmentation (``sharding.train_indices``). ``files``: a pack's split instead (``labels``
-    unused), read in :mod:`shards`'s order."""
+    augmentation (``sharding.train_indices``); ``crop``, ``crop_padding``: the training crop
+    (:func:`train_transform`). ``files``: a pack's split instead (``labels`` unused), read in
+    :mod:`shards`'s order."""
+    augment.check_crop(crop, crop_padding)
     order = functools.partial(shards.train_ids, files) if isinstance(files, shards.ShardSplit) else None
     sampler = EpochSampler(len(files), seed=seed, shard_id=shard_id, num_shards=num_shards,
                            batch_size=batch_size, resume=resume, repeats=repeats, order=order)
-    make_transform = functools.partial(train_transform, auto_augment=auto_augment, random_erasing=random_erasing)
+    make_transform = functools.partial(train_transform, auto_augment=auto_augment, random_erasing=random_erasing,
+                                       crop=crop, crop_padding=crop_padding)
     return DataLoader(
         TrainImages(_images(files, labels), make_transform),
         batch_size=batch_size,

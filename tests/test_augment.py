@@ -1,6 +1,7 @@
-"""Training augmentation: automatic augmentation and random erasing where the backend decodes
-(DALI on the CPU here, torchvision v2), MixUp/CutMix on the batch, repeated augmentation in the
-shared sample order, and the grid of sample images written at the start of a fit."""
+"""Training augmentation: the training crop (random-resized, or the CIFAR pad-and-crop),
+automatic augmentation and random erasing where the backend decodes (DALI on the CPU here,
+torchvision v2), MixUp/CutMix on the batch, repeated augmentation in the shared sample order, and
+the grid of sample images written at the start of a fit."""
 from __future__ import annotations
 
 import glob
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from data_pipelines import IMAGENET_MEAN, augment, photos
+from data_pipelines import IMAGENET_MEAN, IMAGENET_STD, augment, photos
 from data_pipelines.datamodule import ImageNetDataModule
 from data_pipelines.sharding import EpochSampler, steps_per_epoch, train_indices
 from trainer.callbacks import SampleGrid
@@ -29,11 +30,12 @@ from tests.conftest import CPU_FIT, run_cli, skip_without_dali
 def test_aug_keys_compose_with_everything_off_by_default():
     cfg = load_config(["data.root=/x"])
     assert dict(cfg.aug) == {"auto_augment": "none", "random_erasing": 0.0, "mixup_alpha": 0.0,
-                             "cutmix_alpha": 0.0, "repeated_augment": 1}
+                             "cutmix_alpha": 0.0, "repeated_augment": 1, "crop": "rrc", "crop_padding": 4}
     on = load_config(["data.root=/x", "aug.auto_augment=rand_augment", "aug.random_erasing=0.25",
-                      "aug.mixup_alpha=0.2", "aug.cutmix_alpha=1.0", "aug.repeated_augment=4"])
+                      "aug.mixup_alpha=0.2", "aug.cutmix_alpha=1.0", "aug.repeated_augment=4",
+                      "aug.crop=pad_crop", "aug.crop_padding=8"])
     assert dict(on.aug) == {"auto_augment": "rand_augment", "random_erasing": 0.25, "mixup_alpha": 0.2,
-                            "cutmix_alpha": 1.0, "repeated_augment": 4}
+                            "cutmix_alpha": 1.0, "repeated_augment": 4, "crop": "pad_crop", "crop_padding": 8}
     assert load_config(["data.root=/x", "aug.auto_augment=trivial_wide"]).aug.auto_augment == "trivial_wide"
 
 
@@ -46,6 +48,10 @@ def test_aug_keys_compose_with_everything_off_by_default():
     ("aug.repeated_augment=0", "aug.repeated_augment"),
     ("aug.repeated_augment=two", "aug.repeated_augment"),
     ("aug.cutmix=1.0", "aug.cutmix"),
+    ("aug.crop=center", "aug.crop"),
+    ("aug.crop=random_resized", "aug.crop"),
+    ("aug.crop_padding=-1", "aug.crop_padding"),
+    ("aug.crop_padding=two", "aug.crop_padding"),
 ])
 def test_bad_aug_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -128,6 +134,165 @@ def test_bad_augmentation_options_fail_when_made():
         PipelineOptions(device="cpu", random_erasing=2)
     with pytest.raises(ValueError, match="auto_augment='autoaug'"):
         train_transform(32, auto_augment="autoaug")
+    with pytest.raises(ValueError, match="crop='center'"):
+        PipelineOptions(device="cpu", crop="center")
+    with pytest.raises(ValueError, match="crop_padding=-1"):
+        PipelineOptions(device="cpu", crop="pad_crop", crop_padding=-1)
+    with pytest.raises(ValueError, match="crop='center'"):
+        train_transform(32, crop="center")
+    with pytest.raises(ValueError, match="crop='center'"):
+        ImageNetDataModule(root="/x", backend="torchvision", on_gpu=False, batch_size=4, image_size=32,
+                           val_resize=32, num_workers=0, seed=0, crop="center")
+
+
+# -- the training crop: random-resized, or the CIFAR pad-and-crop (He et al. 2015) -----------------
+
+def test_pad_crop_padding_must_leave_image_in_the_crop():
+    with pytest.raises(ConfigError, match=r"aug\.crop_padding=32 must be smaller than the training crop \(32 px\)"):
+        load_config(["data.root=/x", "data.image_size=32", "aug.crop=pad_crop", "aug.crop_padding=32"])
+    with pytest.raises(ConfigError, match=r"aug\.crop_padding=16 .* \(16 px\)"):  # progressive: its smallest crop
+        load_config(["data.root=/x", "data.image_size=64", "data.val_resize=64", "aug.crop=pad_crop",
+                     "aug.crop_padding=16", "data.progressive.start_size=16", "data.progressive.end_size=64",
+                     "data.progressive.start_epoch=0", "data.progressive.end_epoch=2"])
+    # rrc has no padding to check; pad_crop with 0 is the plain resize (and a flip)
+    assert load_config(["data.root=/x", "data.image_size=32", "aug.crop_padding=32"]).aug.crop == "rrc"
+    assert load_config(["data.root=/x", "aug.crop=pad_crop", "aug.crop_padding=0"]).aug.crop_padding == 0
+
+
+def test_the_cifar_recipe_trains_with_the_papers_crop(tiny_root):
+    """experiment=degradation_cifar: pad_crop with 4 px, handed by trainer.run to the DataModule."""
+    from trainer.run import build_datamodule
+
+    cfg = load_config(["experiment=degradation_cifar", f"data.root={tiny_root}", "data.backend=torchvision",
+                       "trainer.accelerator=cpu"])
+    assert (cfg.aug.crop, cfg.aug.crop_padding, cfg.data.image_size) == ("pad_crop", 4, 32)
+    dm = build_datamodule(cfg)
+    assert (dm.crop, dm.crop_padding) == ("pad_crop", 4)
+
+
+# Image sizes (width, height) of the coded tree: 32x32 (the crop size: resized, nothing changes)
+# and others, resized to 32x32 whatever their aspect.
+CODED_SIZES = [(32, 32), (48, 40), (40, 56), (32, 32), (64, 36), (32, 32), (36, 48), (50, 50)]
+
+
+@pytest.fixture(scope="module")
+def coded_root(tmp_path_factory):
+    """One photo-like PNG (lossless: every backend decodes the same pixels) per class, so that
+    the label of a training image says which file it was cut from."""
+    root = tmp_path_factory.mktemp("coded")
+    for split in ("train", "val"):
+        for i, (w, h) in enumerate(CODED_SIZES):
+            folder = root / split / f"n{i:08d}"
+            folder.mkdir(parents=True)
+            photos.photo(100 + i, w, h).save(folder / "img.png")
+    return root
+
+
+def _resized(root, label: int, size: int = 32) -> np.ndarray:
+    """Image ``label`` of the coded tree resized to ``size`` square (Pillow's antialiased
+    bilinear, as torchvision's Resize): CHW float pixels 0-255."""
+    from data_pipelines.torchvision_loader import load_rgb
+    from torchvision.transforms import v2
+
+    image = v2.Resize((size, size), antialias=True)(load_rgb(next((root / "train" / f"n{label:08d}").iterdir())))
+    return np.asarray(image, np.float64).transpose(2, 0, 1)
+
+
+def _pixels(normalised: torch.Tensor) -> np.ndarray:
+    """A normalised CHW image back to 0-255 pixels (the value 0 stays 0, up to float rounding)."""
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return ((normalised.double() * std + mean) * 255).numpy()
+
+
+def _translation(out: np.ndarray, ref: np.ndarray, padding: int, tol: float) -> tuple[bool, int, int] | None:
+    """(flipped, dx, dy) with |dx|, |dy| <= ``padding`` such that ``out`` is ``ref`` (or its
+    mirror) shifted: ``out[:, y, x] = ref[:, y + dy, x + dx]`` to within ``tol`` grey levels where
+    that pixel exists, and exactly black (0) where it does not; None if there is none."""
+    _, h, w = ref.shape
+    for flipped in (False, True):
+        src = ref[:, :, ::-1] if flipped else ref
+        for dy in range(-padding, padding + 1):
+            for dx in range(-padding, padding + 1):
+                inside = np.zeros((h, w), bool)
+                inside[max(0, -dy):min(h, h - dy), max(0, -dx):min(w, w - dx)] = True
+                shifted = np.zeros_like(src)
+                shifted[:, max(0, -dy):min(h, h - dy), max(0, -dx):min(w, w - dx)] = \
+                    src[:, max(0, dy):min(h, h + dy), max(0, dx):min(w, w + dx)]
+                if (np.abs(out - shifted)[:, inside].max() <= tol
+                        and (inside.all() or np.abs(out[:, ~inside]).max() <= 1e-3)):
+                    return flipped, dx, dy
+    return None
+
+
+def _train_batches(root, backend: str, epochs: int, **aug) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``epochs`` epochs of one batch (the 8 images) from the DataModule of ``backend``."""
+    if backend.startswith("dali"):
+        skip_without_dali()
+    torch.manual_seed(0)  # torchvision's draws (in the main process here)
+    dm = ImageNetDataModule(root=str(root), backend=backend, on_gpu=False, batch_size=8, image_size=32,
+                            val_resize=32, num_workers=0 if backend == "torchvision" else 1, seed=3,
+                            filelist_cache=False, **aug)
+    loader = dm.train_dataloader()
+    batches = []
+    for epoch in range(epochs):
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        batches += list(loader)
+    return batches
+
+
+# Largest difference, in grey levels, from Pillow's resize: the torchvision backend runs that very
+# resize (float rounding only); DALI resamples itself (within 2 levels of Pillow on these images).
+RESIZE_TOL = {"torchvision": 0.01, "dali_cpu": 2.01}
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali_cpu"])
+def test_pad_crop_without_padding_is_the_whole_image_resized(coded_root, backend):
+    """aug.crop=pad_crop, crop_padding=0: each training image is its whole file resized to 32x32
+    (a 32x32 file exactly as it is), mirrored or not, with both flips drawn."""
+    flips = []
+    for images, labels in _train_batches(coded_root, backend, epochs=2, crop="pad_crop", crop_padding=0):
+        assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
+        for image, label in zip(images, labels.tolist()):
+            ref = _resized(coded_root, label)
+            found = _translation(_pixels(image), ref, padding=0,
+                                 tol=0.01 if CODED_SIZES[label] == (32, 32) else RESIZE_TOL[backend])
+            assert found is not None, f"image {label} is not its file resized to 32x32"
+            flips.append(found[0])
+    assert len(flips) == 16 and 0 < sum(flips) < 16
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali_cpu"])
+def test_pad_crop_shifts_the_resized_image_by_at_most_the_padding_with_black_borders(coded_root, backend):
+    """aug.crop=pad_crop, crop_padding=4 (He et al.'s CIFAR-10 augmentation): each training image
+    is its file resized to 32x32, mirrored or not, and shifted by at most 4 px along each axis;
+    the uncovered border is black (pixel 0, normalised as the rest). The shifts vary (borders
+    appear), and the same images under aug.crop=rrc are mostly no such translation (rescaled crops)."""
+    shifts = []
+    for images, labels in _train_batches(coded_root, backend, epochs=3, crop="pad_crop", crop_padding=4):
+        assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
+        for image, label in zip(images, labels.tolist()):
+            found = _translation(_pixels(image), _resized(coded_root, label), padding=4, tol=RESIZE_TOL[backend])
+            assert found is not None, f"image {label} is not its resized file shifted by at most 4 px"
+            shifts.append(found)
+    assert len(shifts) == 24
+    moved = [(dx, dy) for _, dx, dy in shifts if (dx, dy) != (0, 0)]
+    assert len(moved) >= 18, shifts  # 80 of the 81 shifts move the image
+    assert len({dx for _, dx, _ in shifts}) >= 4 and len({dy for _, _, dy in shifts}) >= 4, shifts
+    assert 0 < sum(flipped for flipped, _, _ in shifts) < 24
+
+    (images, labels), = _train_batches(coded_root, backend, epochs=1, crop="rrc")
+    translations = [_translation(_pixels(image), _resized(coded_root, label), padding=4, tol=RESIZE_TOL[backend])
+                    for image, label in zip(images, labels.tolist())]
+    assert sum(t is not None for t in translations) <= 2, translations
+
+
+def test_dali_pad_crop_with_auto_augment_runs_on_the_finished_crop(coded_root):
+    """pad_crop and an automatic augmentation together on dali_cpu: 32x32 batches, reproducible."""
+    first = _train_batches(coded_root, "dali_cpu", epochs=1, crop="pad_crop", auto_augment="trivial_wide")
+    again = _train_batches(coded_root, "dali_cpu", epochs=1, crop="pad_crop", auto_augment="trivial_wide")
+    assert first[0][0].shape == (8, 3, 32, 32)
+    assert torch.equal(first[0][0], again[0][0]) and torch.equal(first[0][1], again[0][1])
 
 
 # -- random erasing ---------------------------------------------------------------------------------

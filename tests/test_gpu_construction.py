@@ -131,6 +131,62 @@ def test_dali_gpu_auto_augment_is_defined_on_the_gpu(pretend_cuda, tiny_root, po
         pipe.build()
 
 
+def _graph(pipe) -> dict[str, dict]:
+    """Each operator of a defined DALI graph by its output node's name (e.g. ``__Uniform_2_cpu``;
+    :func:`_specs` keys by operator, so two of one kind there are one): its operator ``op``,
+    ``args`` (as in :func:`_specs`) and ``inputs``, data and argument inputs alike, as DALI's OpSpec
+    prints them."""
+    pipe._build_graph()  # noqa: SLF001
+    nodes = {}
+    for op in pipe._ops:  # noqa: SLF001
+        text = str(op.spec)
+        head, args = text.split("Arguments:", 1)
+        block = head.split("Inputs:", 1)[1] if "Inputs:" in head else "Outputs:"
+        inputs, outputs = block.split("Outputs:", 1)
+        node = dict(op=re.search(r"OpSpec for (\S+?):", text).group(1), inputs=inputs.split(),
+                    args=dict(re.findall(r"^\s{4}(\w+): (.*)$", args, re.M)))
+        nodes.update({out: node for out in outputs.split()})
+    return nodes
+
+
+@pytest.mark.parametrize("policy", ["none", "trivial_wide"])
+def test_dali_gpu_pad_crop_is_defined_on_the_gpu(pretend_cuda, tiny_root, policy):
+    """aug.crop=pad_crop on dali_gpu (He et al.'s CIFAR crop): the whole image decoded by the mixed
+    decoder (no random-resized ROI), resized to 32x32, then a 32x32 slice starting at a random
+    whole-pixel (x, y) in [-4, 4] (drawn on the CPU, an argument input) that pads with black, the
+    automatic augmentation when asked, and the flip in the normalisation, all on the GPU; every
+    argument is valid in DALI 2.4's schemas, and building fails only for want of CUDA. Its
+    pixels are checked on the CPU (tests/test_augment.py), where the same graph runs."""
+    files, labels = _train_files(tiny_root)
+    options = dali.PipelineOptions(image_size=32, device="gpu", device_id=0, num_threads=2, crop="pad_crop",
+                                   crop_padding=4, auto_augment=policy)
+    loader = dali.DALILoader(files, labels, train=True, batch_size=4, options=options)
+    pipe = loader.pipeline(range(8))
+    specs, graph = _specs(pipe), _graph(pipe)
+    assert "decoders__ImageRandomCrop" not in specs
+    decoder = specs["decoders__Image"]
+    assert decoder["device"] == "mixed" and decoder["jpeg_fancy_upsampling"] == "True"
+    resize = specs["Resize"]
+    assert resize["device"] == "gpu" and float(resize["resize_x"]) == float(resize["resize_y"]) == 32
+    cut = specs["Slice"]
+    assert cut["device"] == "gpu" and cut["out_of_bounds_policy"] == "pad" and cut["axis_names"] == "WH"
+    assert cut["shape"] == "[32, 32, ]" and cut["fill_values"] == "[0.000000, ]"
+    (slice_node,) = [node for node in graph.values() if node["op"] == "Slice"]
+    (start,) = [graph[name] for name in slice_node["inputs"] if graph[name]["op"] == "random__Uniform"]
+    from nvidia.dali import types
+
+    args = start["args"]
+    assert args["device"] == "cpu" and args["shape"] == "[2, ]" and int(args["dtype"]) == int(types.INT32)
+    assert [float(v) for v in re.findall(r"-?\d+\.\d+", args["values"])] == list(range(-4, 5))
+    (normalise,) = [node for node in graph.values() if node["op"] == "CropMirrorNormalize"]
+    assert normalise["args"]["device"] == "gpu"
+    assert [graph[name]["op"] for name in normalise["inputs"]][1:] == ["random__CoinFlip"]  # the mirror
+    if policy != "none":
+        assert specs["WarpAffine"]["device"] == "gpu"
+    with pytest.raises(RuntimeError, match="CUDA"):
+        pipe.build()
+
+
 def test_dali_cpu_pipeline_keeps_its_graph_on_the_cpu(tiny_root):
     files, labels = _train_files(tiny_root)
     loader = dali.DALILoader(files, labels, train=True, batch_size=4,
@@ -141,6 +197,10 @@ def test_dali_cpu_pipeline_keeps_its_graph_on_the_cpu(tiny_root):
                                 options=dali.PipelineOptions(image_size=32, device="cpu", auto_augment="trivial_wide"))
     specs = _specs(augmented.pipeline(range(8)))
     assert "WarpAffine" in specs and {args["device"] for args in specs.values()} == {"cpu"}
+    padded = dali.DALILoader(files, labels, train=True, batch_size=4,
+                             options=dali.PipelineOptions(image_size=32, device="cpu", crop="pad_crop"))
+    specs = _specs(padded.pipeline(range(8)))
+    assert "Slice" in specs and {args["device"] for args in specs.values()} == {"cpu"}
 
 
 # -- the batch the model gets: one pass over the images, in its layout ----------------------------

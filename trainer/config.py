@@ -163,6 +163,12 @@ class AugConfig:
     mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing weight; 0: off
     cutmix_alpha: float = 0.0  # 0: off; with mixup_alpha too, one of the two per batch, at random
     repeated_augment: int = 1  # each chosen image fed N times per epoch (DeiT's RASampler); 1: off
+    # The training crop, one of CROPS: rrc (random-resized crop, area 0.08-1, aspect 3/4-4/3: the
+    # ImageNet recipes') | pad_crop (He et al. 2015's CIFAR-10 crop: the image resized to
+    # data.image_size square, crop_padding black px added on each side, a random data.image_size
+    # crop). Either is followed by a random horizontal flip.
+    crop: str = "rrc"
+    crop_padding: int = 4  # pad_crop: px added on each side (the paper's 4 at 32 px); 0: no shift
 
 
 @dataclass
@@ -269,12 +275,6 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), *, job_env: bool = 
     return cfg
 
 
-def schema() -> DictConfig:
-    """The dataclass defaults, in struct mode: unknown keys and wrong types are errors."""
-    cfg = OmegaConf.structured(Config)
-    OmegaConf.set_struct(cfg, True)
-    return cfg
-
 def _with_job_env_deferred(cfg: DictConfig) -> DictConfig:
     """A copy of ``cfg`` to validate on a host that is not the job's: each value that reads an
     environment variable (``${oc.env:...}``) and does not resolve here takes the schema's default."""
@@ -296,6 +296,12 @@ def _leaves(node: Any, prefix: str = ""):
         for k, v in node.items():
             yield from _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
 
+
+def schema() -> DictConfig:
+    """The dataclass defaults, in struct mode: unknown keys and wrong types are errors."""
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -364,7 +370,7 @@ def validate(cfg: DictConfig) -> None:
 
 def _validate_sizes_and_aug(cfg: DictConfig) -> None:
     """The validation crop, progressive resizing, augmentation and test-time augmentation."""
-    from data_pipelines.augment import AUTO_AUGMENTS
+    from data_pipelines.augment import AUTO_AUGMENTS, CROPS
 
     d, a = cfg.data, cfg.aug
     if d.val_image_size is None:
@@ -403,6 +409,16 @@ def _validate_sizes_and_aug(cfg: DictConfig) -> None:
             raise ConfigError(f"aug.{key}={a[key]} must be 0 (off) or positive")
     if a.repeated_augment < 1:
         raise ConfigError(f"aug.repeated_augment={a.repeated_augment} must be 1 (off) or more")
+    if a.crop not in CROPS:
+        raise ConfigError(f"aug.crop={a.crop!r} is not allowed; choose one of: {', '.join(CROPS)} "
+                          f"(rrc: random-resized crop; pad_crop: He et al.'s CIFAR pad-and-crop)")
+    if a.crop_padding < 0:
+        raise ConfigError(f"aug.crop_padding={a.crop_padding} must be 0 or more (px added on each side by pad_crop)")
+    if a.crop == "pad_crop":
+        smallest = min(d.image_size, d.progressive.start_size or d.image_size)
+        if a.crop_padding >= smallest:
+            raise ConfigError(f"aug.crop_padding={a.crop_padding} must be smaller than the training crop "
+                              f"({smallest} px): a shift by the padding would leave a crop of padding only")
 
 
 def _validate_optim(o: DictConfig) -> None:

@@ -83,6 +83,8 @@ def build_datamodule(cfg: DictConfig) -> ImageNetDataModule:
         auto_augment=cfg.aug.auto_augment,
         random_erasing=cfg.aug.random_erasing,
         repeated_augment=cfg.aug.repeated_augment,
+        crop=cfg.aug.crop,
+        crop_padding=cfg.aug.crop_padding,
     )
 
 
@@ -388,8 +390,8 @@ def _check_resume(ckpt_path: Path, ckpt: dict, cfg: DictConfig, trainer: pl.Trai
     lr_changed = any(what != "trainer.max_epochs" for what, _, _ in changes)
     batch_changed = any(what not in ("trainer.max_epochs", "trainer.accumulate_grad_batches") for what, _, _ in changes)
     if batch_changed:
-        module.restart_epoch()
         dm.restart_epoch()
+        module.restart_epoch()
         trainer.callbacks.append(RestartResumedEpoch())
     if not trainer.is_global_zero:
         return
@@ -399,7 +401,8 @@ def _check_resume(ckpt_path: Path, ckpt: dict, cfg: DictConfig, trainer: pl.Trai
     where = "the start of the checkpoint's epoch" if batch_changed else "the checkpoint's point of the run"
     said = [f"resuming from {ckpt_path} with {listed} (run.allow_resume_change=true).",
             f"The lr schedule's length is re-derived from this run's trainer.max_epochs and steps per epoch, "
-            f"and it continues from the checkpoint's step {ckpt.get('global_step')}."]
+            f"and it continues at {where} counted in epochs (the checkpoint's step {ckpt.get('global_step')} "
+            f"was of its own steps per epoch)."]
     if lr_changed:
         base_lrs = [sched.get("base_lrs") for sched in ckpt.get("lr_schedulers", [])]
         peak = f" ({base_lrs[0][0]:.4g})" if base_lrs and base_lrs[0] else ""
