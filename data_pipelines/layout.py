@@ -4,7 +4,12 @@
     ROOT/val/<wnid>/*.JPEG
 
 The class index is the position of the wnid in the sorted list of train folders, the same order
-as torchvision's ``ImageFolder``, so that weights trained here interoperate with torchvision code.
+as torchvision's ``ImageFolder`` (``find_classes``), so that weights trained here interoperate with
+torchvision code; image files are those with torchvision's ``IMG_EXTENSIONS``. Where it differs
+from ``ImageFolder``, on purpose: hidden folders and files (names starting with ".", such as
+``.ipynb_checkpoints``) are skipped, where ``ImageFolder`` would make a hidden folder a class and
+shift every index after it; and only the files directly in a class folder are images, where
+``ImageFolder`` also walks its subfolders.
 """
 from __future__ import annotations
 
@@ -12,8 +17,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Lower-cased; ImageNet uses ".JPEG", users' own trees often ".jpg" or ".png".
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+# torchvision's IMG_EXTENSIONS (lower-cased; ImageNet uses ".JPEG"); Pillow and DALI decode them all.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class DataLayoutError(ValueError):

@@ -128,3 +128,20 @@ def test_submit_leaves_the_jobs_environment_to_the_job(tmp_path, monkeypatch, ca
     # Outside submit the config is this host's: the unset variable is an error naming it.
     with pytest.raises(ConfigError, match="TMPDIR"):
         load_config(["data.root=/x", "data.stage_to=${oc.env:TMPDIR}"])
+
+
+@pytest.mark.parametrize("value, expected", [("1", 1), ("3", 3), ("0.25", 0.25), ("1.0", 1.0), ("0", 0)])
+def test_batch_limits_keep_lightnings_int_count_and_float_fraction(value, expected):
+    """trainer.limit_val_batches=1 is one batch (an int), 1.0 all of them: the type reaches the Trainer."""
+    from trainer.run import _settings
+
+    cfg = load_config(["data.root=/x", f"trainer.limit_val_batches={value}", f"trainer.limit_train_batches={value}"])
+    settings = _settings(cfg.trainer)
+    for key in ("limit_val_batches", "limit_train_batches"):
+        assert settings[key] == expected and type(settings[key]) is type(expected), (key, settings[key])
+
+
+@pytest.mark.parametrize("value", ["1.5", "-1", "abc", "true"])
+def test_a_bad_batch_limit_is_refused_naming_the_key(value):
+    with pytest.raises(ConfigError, match=r"trainer\.limit_val_batches"):
+        load_config(["data.root=/x", f"trainer.limit_val_batches={value}"])

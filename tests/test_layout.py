@@ -23,6 +23,28 @@ def test_class_index_is_sorted_wnid_order_like_imagefolder(tiny_root):
     assert val.classes == train.classes and len(val) == 4 * 5
 
 
+def test_image_files_are_imagefolders_and_only_hidden_entries_differ(tmp_path):
+    """torchvision's extensions (a .tif and a .ppm are images, a .txt is not); hidden folders and
+    files are skipped, the one documented difference from ImageFolder (layout.py)."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from data_pipelines.layout import IMAGE_EXTENSIONS
+
+    assert sorted(IMAGE_EXTENSIONS) == sorted(IMG_EXTENSIONS)
+    for wnid, name in (("n01", "a.JPEG"), ("n01", "b.tif"), ("n02", "c.ppm"), ("n02", "d.webp")):
+        (tmp_path / "train" / wnid).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / wnid / name, format="JPEG" if name.endswith("JPEG") else None)
+    (tmp_path / "train" / "n02" / "notes.txt").write_text("not an image")
+    _jpeg(tmp_path / "val" / "n01" / "e.JPEG")
+    train, _ = scan_dataset(tmp_path)
+    ref = ImageFolder(str(tmp_path / "train"))
+    assert train.classes == ref.classes and list(zip(train.files, train.labels)) == ref.samples
+    _jpeg(tmp_path / "train" / ".ipynb_checkpoints" / "x.JPEG")  # ImageFolder: a class, shifting the rest
+    assert scan_dataset(tmp_path)[0].classes == ["n01", "n02"]
+    assert ImageFolder(str(tmp_path / "train")).classes == [".ipynb_checkpoints", "n01", "n02"]
+
+
 def test_val_subset_of_classes_keeps_train_index(tmp_path):
     for wnid in ("n01", "n02", "n03"):
         _jpeg(tmp_path / "train" / wnid / "a.JPEG")

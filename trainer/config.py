@@ -115,8 +115,10 @@ class TrainerConfig:
     precision: str = "32-true"
     log_every_n_steps: int = 50
     check_val_every_n_epoch: int = 1
-    limit_train_batches: Optional[float] = None  # a fraction, or a count when > 1
-    limit_val_batches: Optional[float] = None
+    # Lightning's rule, by type: an int is a count of batches (1: one batch), a float a fraction in
+    # [0, 1] (1.0: all). Any, not float: a float field would turn 1 into 1.0, i.e. every batch.
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
     gradient_clip_val: Optional[float] = None
     deterministic: bool = False
     accumulate_grad_batches: int = 1  # an optimiser step every N batches; the lr follows the effective batch
@@ -354,6 +356,8 @@ def validate(cfg: DictConfig) -> None:
                 "trainer.num_nodes", "model.num_classes", "trainer.log_every_n_steps", "run.keep_hpc_checkpoints",
                 "optim.eps", "optim.trust_coeff", "optim.poly_power", "trainer.accumulate_grad_batches"):
         positive(key)
+    for key in ("trainer.limit_train_batches", "trainer.limit_val_batches"):
+        _batch_limit(key, OmegaConf.select(cfg, key))
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be 0 or more")
     _validate_sizes_and_aug(cfg)
@@ -366,6 +370,16 @@ def validate(cfg: DictConfig) -> None:
     devices = cfg.trainer.devices
     if not (devices == "auto" or (isinstance(devices, int) and devices > 0)):
         raise ConfigError(f"trainer.devices={devices!r} must be a positive int or 'auto'")
+
+
+def _batch_limit(key: str, value: Any) -> None:
+    """A batch limit as Lightning reads it: None, a count (int >= 0) or a fraction (float in [0, 1])."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return
+    if isinstance(value, float) and 0 <= value <= 1:
+        return
+    raise ConfigError(f"{key}={value!r} must be a count of batches (an int, e.g. 10) or a fraction of them "
+                      f"(a float in [0, 1], e.g. 0.25; 1.0 = all), or null (all)")
 
 
 def _validate_sizes_and_aug(cfg: DictConfig) -> None:
