@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,13 @@ demo: setup
 	test -d data/sample/train || $(BIN)/imagenet-trainer sample-data data/sample --train-per-class 200 --val-per-class 50
 	$(BIN)/imagenet-trainer fit experiment=demo data.root=data/sample
 
+# Everything (CI's .ci/run runs this): the subprocess fits, DDP and the SLURM cluster included.
 test: setup
 	$(BIN)/python -m pytest tests
+
+# The fast tier, between commits: every test not marked slow (pytest.ini), about 2 min on 2 cores.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) runs data/sample .pytest_cache

@@ -223,6 +223,7 @@ def rank_main(root: str, batch_size: int, threads: int) -> None:
     from data_pipelines import layout, shards
     from data_pipelines.dali import DALILoader, PipelineOptions
     from data_pipelines.datamodule import ImageNetDataModule
+    from data_pipelines.specs import DataSpec
 
     imported = time.time()
 
@@ -235,8 +236,8 @@ def rank_main(root: str, batch_size: int, threads: int) -> None:
         shards.train_ids = _timed(parts, "order", shards.train_ids)
         shards.write_reader_indices = _timed(parts, "indices", shards.write_reader_indices)
         DALILoader._build = _timed(parts, "build", DALILoader._build)  # noqa: SLF001 - includes "indices"
-    dm = ImageNetDataModule(root=root, backend="dali_cpu", on_gpu=False, batch_size=batch_size,
-                            image_size=IMAGE_SIZE, val_resize=VAL_RESIZE, num_workers=threads, seed=SEED)
+    dm = ImageNetDataModule(DataSpec(root=root, backend="dali_cpu", batch_size=batch_size, image_size=IMAGE_SIZE,
+                                     val_resize=VAL_RESIZE, num_workers=threads, seed=SEED), on_gpu=False)
     train, _ = dm.splits
     listed = time.time()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -27,9 +27,10 @@ from functools import cached_property
 import pytorch_lightning as pl
 import torch
 
-from data_pipelines import augment, layout, shards
+from data_pipelines import layout, shards
 from data_pipelines.resolution import ResolutionSchedule
 from data_pipelines.sharding import steps_per_epoch
+from data_pipelines.specs import AugSpec, DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -66,82 +67,38 @@ def resolve_backend(backend: str, on_gpu: bool) -> str:
 
 
 class ImageNetDataModule(pl.LightningDataModule):
-    """Sizes: ``image_size`` is the training crop, or ``resolution`` gives it per epoch
-    (progressive resizing, for every backend); validation resizes to ``val_resize`` and
-    centre-crops ``val_image_size`` (``None``: ``image_size``).
+    """The data of ``data`` (sizes, backend, root: :class:`DataSpec`), augmented as ``aug`` says
+    (:class:`AugSpec`), where the backend decodes. The synthetic backend has no images to augment
+    and ignores ``aug``; MixUp and CutMix are the Classifier's.
 
-    Augmentation, run where the backend decodes: ``crop`` (the training crop, one of
-    ``augment.CROPS``: ``rrc``, random-resized; ``pad_crop``, resized to ``image_size`` and
-    shifted by up to ``crop_padding`` px with black borders, as He et al. 2015 on CIFAR-10),
-    ``auto_augment`` (one of ``augment.AUTO_AUGMENTS``), ``random_erasing`` (probability per
-    image), ``repeated_augment`` (each chosen image fed that many times per epoch:
-    ``sharding.train_indices``). The synthetic
-    backend has no images to augment and ignores them; MixUp and CutMix are the Classifier's.
+    ``on_gpu``: the model trains on a GPU. ``gpu_dtype``: what a GPU batch is made in, the dtype the
+    model computes in (bf16/fp16 under mixed precision), so no cast runs on the step's critical
+    path; DALI on the CPU stays float32 (faster there). ``channels_last``: the model's memory
+    format, produced by the DALI loaders themselves, so the model's own conversion copies nothing.
     """
 
-    def __init__(
-        self,
-        *,
-        root: str | None,
-        backend: str,
-        on_gpu: bool,
-        batch_size: int,
-        image_size: int,
-        val_resize: int,
-        num_workers: int,
-        seed: int,
-        filelist_cache: bool = True,
-        stage_to: str | None = None,
-        synthetic_size: int = 1281167,
-        num_classes: int | None = None,
-        gpu_dtype: str = "float32",
-        channels_last: bool = False,
-        val_image_size: int | None = None,
-        resolution: ResolutionSchedule | None = None,
-        auto_augment: str = "none",
-        random_erasing: float = 0.0,
-        repeated_augment: int = 1,
-        crop: str = "rrc",
-        crop_padding: int = augment.CROP_PADDING,
-    ) -> None:
+    def __init__(self, data: DataSpec, aug: AugSpec = AugSpec(), *, on_gpu: bool, gpu_dtype: str = "float32",
+                 channels_last: bool = False) -> None:
         super().__init__()
-        self.root = root
-        self.backend = resolve_backend(backend, on_gpu)
-        self.on_gpu = on_gpu
-        if backend == "auto":
+        self.data, self.aug = data, aug
+        self.backend = resolve_backend(data.backend, on_gpu)
+        if data.backend == "auto":
             log.info("data.backend=auto chose %s", self.backend)
-        self.batch_size = batch_size
-        self.image_size = image_size
-        self.val_resize = val_resize
-        self.val_image_size = val_image_size or image_size
-        self.resolution = resolution
-        self.auto_augment = augment.check_auto_augment(auto_augment)
-        self.random_erasing = random_erasing
-        self.repeated_augment = repeated_augment
-        self.crop = augment.check_crop(crop, crop_padding)
-        self.crop_padding = crop_padding
-        self.num_workers = num_workers
-        self.seed = seed
-        self.filelist_cache = filelist_cache
-        self.stage_to = stage_to
-        self.synthetic_size = synthetic_size
-        self._num_classes = num_classes
-        # What dali_gpu emits: the dtype the model computes in (bf16/fp16 under mixed precision),
-        # so no cast runs on the step's critical path. DALI on the CPU stays float32 (faster there).
-        self.gpu_dtype = gpu_dtype
-        # The model's memory format, produced by the DALI loaders themselves: the model's own
-        # conversion then finds the batch in that format already and copies nothing.
-        self.channels_last = channels_last
+        self.on_gpu, self.gpu_dtype, self.channels_last = on_gpu, gpu_dtype, channels_last
         self._resume: dict | None = None  # data position restored from a checkpoint
-        if self.backend != "synthetic" and not root:
+        if self.backend != "synthetic" and not data.root:
             raise ValueError("data.root is not set: pass data.root=/path/to/imagenet")
-        self.sharded = self.backend != "synthetic" and shards.is_sharded(root)
-        if stage_to and not self.sharded and self.backend != "synthetic":
+        self.sharded = self.backend != "synthetic" and shards.is_sharded(data.root)
+        if data.stage_to and not self.sharded and self.backend != "synthetic":
             raise layout.DataLayoutError(
-                f"data.stage_to={stage_to} copies a pack of tar shards to node-local disk, but data.root={root} "
-                f"has no manifest.json: make a pack with `imagenet-trainer pack {root} PACK_DIR` and pass "
-                f"data.root=PACK_DIR, or unset data.stage_to"
+                f"data.stage_to={data.stage_to} copies a pack of tar shards to node-local disk, but data.root="
+                f"{data.root} has no manifest.json: make a pack with `imagenet-trainer pack {data.root} PACK_DIR` "
+                f"and pass data.root=PACK_DIR, or unset data.stage_to"
             )
+
+    @property
+    def batch_size(self) -> int:
+        return self.data.batch_size
 
     # --- the tree: scanned once, lazily ---------------------------------------------------
 
@@ -151,29 +108,29 @@ class ImageNetDataModule(pl.LightningDataModule):
         A tree: listed once per job: the job's first process lists each split into the
         file-list cache and the others read it (data_pipelines/filelist.py). With
         ``filelist_cache=False`` every process scans the tree itself."""
+        root = self.data.root
         if self.sharded:
-            root = self.root
-            if self.stage_to:
+            if self.data.stage_to:
                 from data_pipelines.staging import staged_root
 
-                root = staged_root(self.root, self.stage_to)
+                root = staged_root(root, self.data.stage_to)
             manifest = shards.read_manifest(root)
             return manifest.train, manifest.val
-        if self.filelist_cache:
+        if self.data.filelist_cache:
             from data_pipelines.filelist import cached_split, launch_position
 
             # Read from the launcher's environment: this runs before any process group exists
             # (the model's class count comes from here), so the trainer's rank is not known yet.
             launch = launch_position(os.environ)
-            train = cached_split(self.root, "train", launch=launch)
-            return train, cached_split(self.root, "val", classes=train.classes, launch=launch)
-        return layout.scan_dataset(self.root)
+            train = cached_split(root, "train", launch=launch)
+            return train, cached_split(root, "val", classes=train.classes, launch=launch)
+        return layout.scan_dataset(root)
 
     @property
     def classes(self) -> list[str]:
         """Class names in index order (wnids, sorted); synthetic data has numbered classes."""
         if self.backend == "synthetic":
-            return [f"class{i}" for i in range(self._num_classes or 1000)]
+            return [f"class{i}" for i in range(self.data.num_classes or 1000)]
         return self.splits[0].classes
 
     # --- distributed position ------------------------------------------------------------
@@ -225,9 +182,9 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         rank, world = self._rank_world()
+        d = self.data
         if self.backend == "synthetic":
-            loader = self._synthetic(steps_per_epoch(self.synthetic_size, world, self.batch_size), self.image_size,
-                                     self.resolution)
+            loader = self._synthetic(steps_per_epoch(d.synthetic_size, world, d.batch_size), d.image_size, d.resolution)
             if (position := self._resume_position()) is not None:
                 loader.set_epoch(position[0])  # Lightning says so too, at the epoch's start
             return loader
@@ -236,11 +193,9 @@ class ImageNetDataModule(pl.LightningDataModule):
             from data_pipelines.torchvision_loader import build_train_loader
 
             return build_train_loader(
-                *_files_labels(split), batch_size=self.batch_size, image_size=self.image_size,
-                num_workers=self.num_workers, seed=self.seed, shard_id=rank, num_shards=world,
-                resume=self._resume_position(), resolution=self.resolution, auto_augment=self.auto_augment,
-                random_erasing=self.random_erasing, repeats=self.repeated_augment, crop=self.crop,
-                crop_padding=self.crop_padding,
+                *_files_labels(split), batch_size=d.batch_size, image_size=d.image_size, num_workers=d.num_workers,
+                seed=d.seed, shard_id=rank, num_shards=world, resume=self._resume_position(),
+                resolution=d.resolution, repeats=self.aug.repeated_augment, **self.aug.per_image(),
             )
         loader = self._dali(split, train=True, rank=rank, world=world)
         if (position := self._resume_position()) is not None:
@@ -249,47 +204,50 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def val_dataloader(self):
         rank, world = self._rank_world()
+        d = self.data
         if self.backend == "synthetic":
-            return self._synthetic(max(1, 50000 // (world * self.batch_size)), self.val_image_size)
+            return self._synthetic(max(1, 50000 // (world * d.batch_size)), d.val_crop)
         split = self.splits[1]
         if self.backend == "torchvision":
             from data_pipelines.torchvision_loader import build_val_loader
 
             return build_val_loader(
-                *_files_labels(split), batch_size=self.batch_size, image_size=self.val_image_size,
-                val_resize=self.val_resize, num_workers=self.num_workers, shard_id=rank, num_shards=world,
+                *_files_labels(split), batch_size=d.batch_size, image_size=d.val_crop, val_resize=d.val_resize,
+                num_workers=d.num_workers, shard_id=rank, num_shards=world,
             )
         return self._dali(split, train=False, rank=rank, world=world)
+
+    def _device(self):
+        """Where batches go: the trainer's device on a GPU run, else the CPU."""
+        return self.trainer.strategy.root_device if (self.on_gpu and self.trainer is not None) else "cpu"
 
     def _synthetic(self, num_batches: int, image_size: int, resolution: ResolutionSchedule | None = None):
         from data_pipelines.synthetic import SyntheticLoader
 
         return SyntheticLoader(
-            num_batches=num_batches, batch_size=self.batch_size, image_size=image_size, resolution=resolution,
-            num_classes=len(self.classes), seed=self.seed,
-            device=self.trainer.strategy.root_device if (self.on_gpu and self.trainer is not None) else "cpu",
+            num_batches=num_batches, batch_size=self.data.batch_size, image_size=image_size, resolution=resolution,
+            num_classes=len(self.classes), seed=self.data.seed, device=self._device(),
             dtype=getattr(torch, self.gpu_dtype) if self.on_gpu else torch.float32, channels_last=self.channels_last,
         )
 
     def _dali(self, split: layout.Split | shards.ShardSplit, *, train: bool, rank: int, world: int):
         from data_pipelines.dali import DALILoader, PipelineOptions
 
+        d = self.data
         on_gpu = self.backend == "dali_gpu"
         device_id = None
         if on_gpu:
             device_id = self.trainer.strategy.root_device.index if self.trainer is not None else 0
         # dali_cpu on a GPU run: the uint8 batch goes to the GPU and is normalised there.
-        output_device = self.trainer.strategy.root_device if (self.on_gpu and self.trainer is not None) else "cpu"
         options = PipelineOptions(
-            image_size=self.image_size, val_resize=self.val_resize, device="gpu" if on_gpu else "cpu",
-            device_id=device_id, num_threads=max(1, self.num_workers),
-            dtype=self.gpu_dtype if self.on_gpu else "float32", output_device=output_device,
-            channels_last=self.channels_last, val_image_size=self.val_image_size, resolution=self.resolution,
-            auto_augment=self.auto_augment, random_erasing=self.random_erasing, crop=self.crop,
-            crop_padding=self.crop_padding,
+            image_size=d.image_size, val_resize=d.val_resize, device="gpu" if on_gpu else "cpu",
+            device_id=device_id, num_threads=max(1, d.num_workers),
+            dtype=self.gpu_dtype if self.on_gpu else "float32", output_device=self._device(),
+            channels_last=self.channels_last, val_image_size=d.val_crop, resolution=d.resolution,
+            **self.aug.per_image(),
         )
-        return DALILoader(*_files_labels(split), train=train, batch_size=self.batch_size, shard_id=rank,
-                          num_shards=world, seed=self.seed, options=options, repeats=self.repeated_augment)
+        return DALILoader(*_files_labels(split), train=train, batch_size=d.batch_size, shard_id=rank,
+                          num_shards=world, seed=d.seed, options=options, repeats=self.aug.repeated_augment)
 
 
 def _files_labels(split: layout.Split | shards.ShardSplit) -> tuple:

@@ -22,7 +22,7 @@ writes the cache, and the others wait for the cache file and read it. The cache 
 channel because a later run reads it anyway, it is written atomically (a temporary file renamed
 over the name: a reader sees all of it or nothing), and it needs no process group: the listing
 happens before DDP starts. Who lists comes from the launcher's environment
-(:func:`launch_position`): the job's first process (global rank 0: every rank variable that
+(:func:`data_pipelines.launch.launch_position`): the job's first process (global rank 0: every rank variable that
 torchrun, srun or Lightning's launcher set is 0, or none is set) lists; the others poll for the
 file.
 
@@ -55,18 +55,15 @@ written on another node can take up to the attribute-cache time (up to a minute)
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import socket
-import tempfile
 import time
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import files, layout
+from .launch import LaunchPosition, launch_position  # noqa: F401  (re-exported: who lists)
 
 log = logging.getLogger(__name__)
 
@@ -86,46 +83,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "imagenet-trainer"
 
 
-# -- who lists ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LaunchPosition:
-    """Where a process stands in its job: the first of the job (global rank 0) lists the tree; the
-    first of another node lists only if no lister shares its cache folder; the others wait."""
-
-    first_in_job: bool = True
-    first_on_node: bool = True
-    described: str = "a single process"
-
-
-_GLOBAL_VARS = ("RANK", "SLURM_PROCID")  # torchrun, srun
-_NODE_VARS = ("NODE_RANK", "GROUP_RANK", "SLURM_NODEID")  # Lightning's launcher, torchrun, srun
-_LOCAL_VARS = ("LOCAL_RANK", "SLURM_LOCALID")  # torchrun and Lightning's launcher, srun
-
-
-def launch_position(env: Mapping[str, str]) -> LaunchPosition:
-    """This process's :class:`LaunchPosition`, from its launcher's environment (no process group
-    exists yet). Rank 0 of the job is the process whose rank variables are all 0, or that has none
-    (a single process; Lightning's launcher before it starts the others). Every variable is looked
-    at, not the first found: under ``srun`` + torchrun ``SLURM_PROCID`` is the node and ``RANK``
-    the rank, and a process started by Lightning's launcher inside an sbatch script inherits
-    ``SLURM_PROCID=0`` but has ``LOCAL_RANK`` > 0."""
-    found: dict[str, int] = {}
-    for name in (*_GLOBAL_VARS, *_NODE_VARS, *_LOCAL_VARS):
-        value = env.get(name, "").strip()
-        if not value:
-            continue
-        try:
-            found[name] = int(value)
-        except ValueError:
-            raise ValueError(f"the environment variable {name}={value!r} is not a rank (an integer)") from None
-    if not found:
-        return LaunchPosition()
-    first_on_node = all(found.get(name, 0) == 0 for name in _LOCAL_VARS)
-    first_in_job = first_on_node and all(v == 0 for v in found.values())
-    described = "the process with " + ", ".join(f"{k}={v}" for k, v in found.items())
-    return LaunchPosition(first_in_job, first_on_node, described)
-
-
+# -- who lists: the launch layer's LaunchPosition (first_in_job lists) ---------------------------
 # -- the cache key ---------------------------------------------------------------------------
 def _tree_state(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """Class folder names (sorted, as layout lists them) and the mtimes the key is made of."""
@@ -284,10 +242,11 @@ def _await_list(
     process should list the tree itself: the lister's note says it did not cache it, or (with a
     ``grace`` period: a node's first process) no lister showed up in this cache folder in time.
     Raises the lister's :class:`layout.DataLayoutError`, or :class:`ListingTimeout`."""
-    start = time.monotonic()
     lister_seen = grace is None  # a plain waiter relies on its node's or its job's lister
-    delay, damaged, logged = 0.02, None, False
-    while True:
+    damaged, note = None, None
+
+    def check(waited: float):
+        nonlocal lister_seen, damaged, note
         listed, damaged = _read_if_new(path, split_dir, classes, damaged)
         if listed is not None:
             return listed
@@ -298,17 +257,15 @@ def _await_list(
             if note["state"] == "uncached":
                 return None
             lister_seen = lister_seen or _is_live(note, timeout)
-        waited = time.monotonic() - start
         if not lister_seen and waited >= grace:
             log.info("no process lists %s into %s: this node's first process lists it", split_dir, path.parent)
             return None
-        if waited >= timeout:
-            raise ListingTimeout(_timeout_message(path, split_dir, launch, timeout, note))
-        if not logged and waited > 5:
-            log.info("%s waits for the file list of %s (%s)", launch.described, split_dir, path)
-            logged = True
-        time.sleep(delay)
-        delay = min(delay * 1.5, 1.0)  # quick when the list is about to appear, cheap when not
+        return files.WAIT
+
+    return files.wait_for(
+        check, timeout=timeout, clock=time, on_timeout=lambda: ListingTimeout(_timeout_message(path, split_dir, launch, timeout, note)),
+        log=log, waiting=f"{launch.described} waits for the file list of {split_dir} ({path})",
+    )
 
 
 def _read_if_new(path: Path, split_dir: Path, classes: list[str], damaged) -> tuple[layout.Split | None, object]:
@@ -341,16 +298,12 @@ def _timeout_message(path: Path, split_dir: Path, launch: LaunchPosition, timeou
 # -- the note and the lock ---------------------------------------------------------------------
 def _write_note(note: Path, state: str, message: str = "") -> None:
     """Atomically record what the lister is doing (``listing``, ``failed``, ``uncached``)."""
-    record = {"state": state, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), "message": message}
-    _write_atomically(note, json.dumps(record))
+    files.write_marker(note, {"state": state, "message": message})
 
 
 def _read_note(note: Path) -> dict | None:
-    try:
-        record = json.loads(note.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # absent (the usual case), or not ours
-        return None
-    return record if isinstance(record, dict) and "state" in record else None
+    record = files.read_marker(note)
+    return record if record is not None and "state" in record else None
 
 
 def _is_live(note: dict, timeout: float) -> bool:
@@ -400,24 +353,12 @@ def write_file_list(split: layout.Split, path: str | os.PathLike) -> None:
         if not f.startswith(prefix):
             raise ValueError(f"{f} is not under {split.root}")
         lines.append(f"{f[len(prefix):]} {label}\n")
-    _write_atomically(path, "".join(lines))
+    # A reader in another process sees the whole old file or the whole new one, never a part.
+    files.write_atomic(path, "".join(lines), fsync=False, unique=True)
     stem = path.name.rsplit("-", 1)[0]  # "<split>-<identity>": the same tree, older versions
     for old in path.parent.glob(f"{stem}-*.txt"):
         if old != path:
             old.unlink(missing_ok=True)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a reader in
-    another process sees the whole old file or the whole new one, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_file_list(path: str | os.PathLike, split_dir: str | os.PathLike, classes: list[str]) -> layout.Split:

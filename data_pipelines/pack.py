@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from . import check, files, layout
+from .files import write_atomic  # the name `files` is pack()'s list of images
 from .shards import FORMAT, INDEX_VERSION, MANIFEST, SPLITS, VERSION
 
 DEFAULT_SHARD_SIZE = "512MB"
@@ -237,26 +238,9 @@ def _header(name: str, size: int) -> bytes:
     return info.tobuf(TAR_FORMAT, ENCODING, ERRORS)
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-_TMP = re.compile(r"^\..+\.tmp\d+$")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """``path`` holds ``data`` or what it held before, never a part: a temporary file, fsync'ed,
-    renamed over it."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    files.fsync_dir(path.parent)
+# Temporary names: files.temp_path's unique ones (``.NAME.HOST.PID.RANDOM.tmp``), and the
+# ``.NAME.tmpPID`` of packs before it.
+_TMP = re.compile(r"^\..+\.tmp\d*$")
 
 
 def _plan(out: Path, train: layout.Split, val: layout.Split, bad: set[str], seed: int, size: int) -> dict[str, list[ShardPlan]]:
@@ -316,11 +300,11 @@ def _write(shard: ShardPlan) -> dict:
     out = Path(shard.out)
     _record_path(shard).unlink(missing_ok=True)
     tar, index = out / shard.tar, out / shard.index
-    tmp_tar, tmp_index = _tmp_name(tar), _tmp_name(index)
     digest = hashlib.sha256()
     lines = [f"{INDEX_VERSION} {len(shard.items)}"]
     pos = 0
-    try:
+    # Each fsync'ed and renamed into place (the index first) as the block ends; removed on an error.
+    with files.atomic_path(tar, unique=True) as tmp_tar, files.atomic_path(index, unique=True) as tmp_index:
         with open(tmp_tar, "wb") as f:
             def put(data: bytes) -> None:
                 nonlocal pos
@@ -347,24 +331,14 @@ def _write(shard: ShardPlan) -> dict:
                     put(bytes(_pad(len(payload)) - len(payload)))
                 lines.append(" ".join(entry))
             put(bytes(_tar_bytes(pos) - pos))
-            f.flush()
-            os.fsync(f.fileno())
         if pos != shard.bytes:  # the plan's arithmetic and the writer disagree: a bug, not a user error
             raise RuntimeError(f"{shard.tar}: wrote {pos} bytes, planned {shard.bytes}")
         index_text = ("\n".join(lines) + "\n").encode(ENCODING, ERRORS)
         with open(tmp_index, "wb") as f:
             f.write(index_text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_tar, tar)
-        os.replace(tmp_index, index)
-    finally:
-        tmp_tar.unlink(missing_ok=True)
-        tmp_index.unlink(missing_ok=True)
-    files.fsync_dir(out)
     record = {"plan": shard.digest, "tar": shard.tar, "index": shard.index, "images": len(shard.items),
               "bytes": pos, "sha256": digest.hexdigest(), "index_sha256": hashlib.sha256(index_text).hexdigest()}
-    write_atomic(_record_path(shard), json.dumps(record, indent=1).encode())
+    write_atomic(_record_path(shard), json.dumps(record, indent=1).encode(), unique=True)
     pause = os.environ.get(PAUSE_ENV)
     if pause:
         with open(pause, "a") as f:
@@ -560,7 +534,7 @@ def pack(
             },
             "skipped": [{"path": os.path.abspath(p), "reason": r} for p, r in bad],
         }
-        write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+        write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(), unique=True)
     finally:
         os.close(lock)
     result.manifest = manifest

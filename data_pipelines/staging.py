@@ -9,7 +9,7 @@ re-packed pack (new shards, new sha256s in its manifest) gets a new one.
 
 **Who copies.** One process per node: the node's first process (its local rank 0, from the
 launcher's environment: srun's ``SLURM_LOCALID``, torchrun's and Lightning's ``LOCAL_RANK``; see
-:func:`data_pipelines.filelist.launch_position`). The others on the node wait for it. The copier
+:func:`data_pipelines.launch.launch_position`). The others on the node wait for it. The copier
 holds ``fcntl.flock`` on ``STAGE_TO/imagenet-trainer-<id>.lock`` (node-local disk: flock is
 reliable there), which also serialises two jobs staging the same pack on one node. Under it:
 
@@ -28,7 +28,7 @@ reliable there), which also serialises two jobs staging the same pack on one nod
 **The ready marker.** Then the copier writes ``STAGE_TO/imagenet-trainer-<id>.ready-<token>``
 (atomically), ``<token>`` naming this launch of the job, and the node's other processes, which poll
 for exactly that file, go on. So a waiter never takes an earlier job's folder for its own copier's
-work. The token (:func:`launch_token`), the same in every process of one launch:
+work. The token (:func:`data_pipelines.launch.launch_token`), the same in every process of one launch:
 
 * ``$IMAGENET_TRAINER_STAGE_TOKEN`` when set (see the last point);
 * under SLURM: ``slurm-<SLURM_JOB_ID>-<SLURM_RESTART_COUNT or 0>`` (a requeued job is a new
@@ -59,11 +59,8 @@ import hashlib
 import json
 import logging
 import os
-import re
-import secrets
 import shutil
 import socket
-import tempfile
 import threading
 import time
 import warnings
@@ -72,11 +69,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import files, shards
-from .filelist import LISTING_TIMEOUT, LaunchPosition, launch_position
+from .filelist import LISTING_TIMEOUT
+from .launch import TOKEN_VAR, LaunchPosition, launch_position, launch_token, make_launch_token  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-TOKEN_VAR = "IMAGENET_TRAINER_STAGE_TOKEN"
 STAGE_TIMEOUT = LISTING_TIMEOUT  # seconds a waiter waits for its copier (and a copier for the lock)
 THREADS = 8  # shards copied or verified at once
 PREFIX = "imagenet-trainer-"
@@ -107,28 +104,6 @@ class StageStats:
 def pack_id(manifest_bytes: bytes) -> str:
     """The local folder's id: the first 16 hex digits of the manifest's sha256."""
     return hashlib.sha256(manifest_bytes).hexdigest()[:16]
-
-
-def launch_token(env: Mapping[str, str]) -> str | None:
-    """The token naming this launch (see the module's docstring), or None when there is none yet."""
-    explicit = env.get(TOKEN_VAR, "").strip()
-    if explicit:
-        return _safe(explicit)
-    parts = []
-    job = env.get("SLURM_JOB_ID", "").strip()
-    if job:
-        parts += ["slurm", job, env.get("SLURM_RESTART_COUNT", "").strip() or "0"]
-        step = env.get("SLURM_STEP_ID", "").strip()
-        if step:
-            parts.append(step)
-    run = env.get("TORCHELASTIC_RUN_ID", "").strip()
-    if run:
-        parts += ["te", run, env.get("TORCHELASTIC_RESTART_COUNT", "").strip() or "0"]
-    return _safe("-".join(parts)) if parts else None
-
-
-def _safe(token: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", token)[:120]
 
 
 @dataclass(frozen=True)
@@ -182,9 +157,7 @@ def staged_root(
     token = launch_token(env)
     if launch.first_on_node:
         if token is None:
-            token = f"pid-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-            token = _safe(token)
-            os.environ[TOKEN_VAR] = token  # for the local ranks this process starts later
+            token = make_launch_token()  # in os.environ: for the local ranks this process starts later
         _copier(root, manifest_bytes, places, token, timeout=timeout, threads=threads)
     elif token is None:
         _await_without_token(root, places, launch, timeout=timeout)
@@ -305,46 +278,41 @@ def _stage_shard(shard: shards.Shard, dst: Path, root: Path, places: _Places, st
 
 
 def _copy_verified(shard: shards.Shard, dst: Path, root: Path, places: _Places, stop: threading.Event) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     digest, size, buf = hashlib.sha256(), 0, bytearray(_CHUNK)
     view = memoryview(buf)
     try:
-        try:
-            src = open(shard.tar, "rb")
-        except OSError as err:
-            raise StagingError(f"cannot read the shard {shard.tar}: {err.strerror or err}; check the pack "
-                               f"under {root}, or re-run `imagenet-trainer pack`") from err
-        with src, open(tmp, "wb") as out:
-            while True:
-                if stop.is_set():
-                    raise StagingError("cancelled: another shard failed")
-                try:
-                    n = src.readinto(buf)
-                except OSError as err:
-                    raise StagingError(f"cannot read the shard {shard.tar}: {err.strerror or err}") from err
-                if not n:
-                    break
-                digest.update(view[:n])
-                out.write(view[:n])
-                size += n
-            out.flush()
-            os.fsync(out.fileno())
-        if size != shard.bytes or digest.hexdigest() != shard.sha256:
-            raise StagingError(
-                f"the shard {shard.tar} on the shared copy is damaged: it has {size} bytes and sha256 "
-                f"{digest.hexdigest()}, the manifest {root / shards.MANIFEST} says {shard.bytes} bytes and "
-                f"sha256 {shard.sha256}. Re-run `imagenet-trainer pack` (or copy the pack again from a good "
-                f"copy), or unset data.stage_to to train without checking it"
-            )
-        os.replace(tmp, dst)
+        # Host, pid and a random part in the temporary name: two copiers never write the same file.
+        with files.atomic_path(dst, unique=True) as tmp:  # fsync'ed, renamed over dst; removed on failure
+            try:
+                src = open(shard.tar, "rb")
+            except OSError as err:
+                raise StagingError(f"cannot read the shard {shard.tar}: {err.strerror or err}; check the pack "
+                                   f"under {root}, or re-run `imagenet-trainer pack`") from err
+            with src, open(tmp, "wb") as out:
+                while True:
+                    if stop.is_set():
+                        raise StagingError("cancelled: another shard failed")
+                    try:
+                        n = src.readinto(buf)
+                    except OSError as err:
+                        raise StagingError(f"cannot read the shard {shard.tar}: {err.strerror or err}") from err
+                    if not n:
+                        break
+                    digest.update(view[:n])
+                    out.write(view[:n])
+                    size += n
+            if size != shard.bytes or digest.hexdigest() != shard.sha256:
+                raise StagingError(
+                    f"the shard {shard.tar} on the shared copy is damaged: it has {size} bytes and sha256 "
+                    f"{digest.hexdigest()}, the manifest {root / shards.MANIFEST} says {shard.bytes} bytes and "
+                    f"sha256 {shard.sha256}. Re-run `imagenet-trainer pack` (or copy the pack again from a good "
+                    f"copy), or unset data.stage_to to train without checking it"
+                )
     except OSError as err:
         if err.errno == errno.ENOSPC:
             free = shutil.disk_usage(places.stage_to).free
             raise _no_space(places.stage_to, root, shard.bytes, free, during=True) from err
         raise
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _no_space(stage_to: Path, root: Path, needed: int, free: int, *, during: bool = False) -> StagingError:
@@ -377,27 +345,22 @@ def _local_name(pack_root: Path, path: Path, root: Path) -> Path:
 # -- waiting -------------------------------------------------------------------------------------
 def _await_ready(root: Path, places: _Places, token: str, launch: LaunchPosition, *, timeout: float) -> None:
     ready, failed = places.ready(token), places.failed(token)
-    start, delay, logged = time.monotonic(), 0.02, False
-    while True:
+
+    def check(waited: float):
         if ready.is_file():
-            return
-        note = _read_marker(failed)
+            return None
+        note = files.read_marker(failed)
         if note is not None:
             raise StagingError(str(note.get("message") or f"staging {root} into {places.folder} failed ({failed})"))
-        waited = time.monotonic() - start
-        if waited >= timeout:
-            raise StagingTimeout(
-                f"{launch.described} waited {timeout:.0f} s for {ready}, the marker this node's first "
-                f"process (local rank 0: SLURM_LOCALID=0 or LOCAL_RANK=0) of the same launch (token "
-                f"{token}) writes once it has staged {root} into {places.folder}; {_lock_state(places.lock)}. "
-                f"Check that that process runs and has the same data.stage_to, or unset data.stage_to to "
-                f"read the pack from {root}"
-            )
-        if not logged and waited > 5:
-            log.info("%s waits for this node's copy of %s (%s)", launch.described, root, ready)
-            logged = True
-        time.sleep(min(delay, max(timeout - waited, 0.001)))
-        delay = min(delay * 1.5, 1.0)
+        return files.WAIT
+
+    files.wait_for(check, timeout=timeout, clock=time, log=log, waiting=f"{launch.described} waits for this node's copy of {root} ({ready})",
+                   on_timeout=lambda: StagingTimeout(
+        f"{launch.described} waited {timeout:.0f} s for {ready}, the marker this node's first "
+        f"process (local rank 0: SLURM_LOCALID=0 or LOCAL_RANK=0) of the same launch (token "
+        f"{token}) writes once it has staged {root} into {places.folder}; {_lock_state(places.lock)}. "
+        f"Check that that process runs and has the same data.stage_to, or unset data.stage_to to "
+        f"read the pack from {root}"))
 
 
 def _await_without_token(root: Path, places: _Places, launch: LaunchPosition, *, timeout: float) -> None:
@@ -406,19 +369,14 @@ def _await_without_token(root: Path, places: _Places, launch: LaunchPosition, *,
         f"it takes {places.folder} once it has a manifest and nobody holds {places.lock}", stacklevel=3,
     )
     manifest = places.folder / shards.MANIFEST
-    start, delay = time.monotonic(), 0.02
-    while True:
-        if manifest.is_file() and not _lock_held(places.lock):
-            return
-        waited = time.monotonic() - start
-        if waited >= timeout:
-            raise StagingTimeout(
-                f"{launch.described} waited {timeout:.0f} s for {manifest}, which this node's first process "
-                f"(local rank 0) writes once it has staged {root}; {_lock_state(places.lock)}. Set "
-                f"{TOKEN_VAR} to the same value in every process of the launch, or unset data.stage_to"
-            )
-        time.sleep(min(delay, max(timeout - waited, 0.001)))
-        delay = min(delay * 1.5, 1.0)
+
+    def check(waited: float):
+        return None if manifest.is_file() and not _lock_held(places.lock) else files.WAIT
+
+    files.wait_for(check, timeout=timeout, clock=time, on_timeout=lambda: StagingTimeout(
+        f"{launch.described} waited {timeout:.0f} s for {manifest}, which this node's first process "
+        f"(local rank 0) writes once it has staged {root}; {_lock_state(places.lock)}. Set "
+        f"{TOKEN_VAR} to the same value in every process of the launch, or unset data.stage_to"))
 
 
 def _lock_held(lock: Path) -> bool:
@@ -489,17 +447,8 @@ def _loads(data: bytes):
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{socket.gethostname()}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """fsync'ed; the temporary name has host, pid and a random part (see _remove_temporaries)."""
+    files.write_atomic(path, data, fsync=True, unique=True)
 
 
 def _remove_temporaries(folder: Path) -> None:
@@ -515,16 +464,7 @@ def _remove_temporaries(folder: Path) -> None:
 
 
 def _write_marker(path: Path, record: dict) -> None:
-    record = {**record, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
-    _write_atomically(path, json.dumps(record).encode())
-
-
-def _read_marker(path: Path) -> dict | None:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+    files.write_marker(path, record, fsync=True)
 
 
 def _remove_old_markers(places: _Places) -> None:

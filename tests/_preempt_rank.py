@@ -24,10 +24,12 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", NOD
 import pytorch_lightning as pl  # noqa: E402
 
 from data_pipelines.datamodule import ImageNetDataModule  # noqa: E402
+from data_pipelines.specs import DataSpec  # noqa: E402
 from trainer.callbacks import AtomicCheckpointIO  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.module import Classifier  # noqa: E402
 from trainer.preemption import Preempted, RequeueOnSignal  # noqa: E402
+from trainer.specs import OptimSpec  # noqa: E402
 from tests.test_fast_path import HOST_SYNC_OPS, _OpRecorder  # noqa: E402
 
 # The requeue command: appends the rank that ran it (only rank 0 may) to OUT/requeued.
@@ -53,10 +55,11 @@ class Record(pl.Callback):
 
 pl.seed_everything(0)
 record = Record()
-dm = ImageNetDataModule(root=root, backend=backend, on_gpu=False, batch_size=2, image_size=32, val_resize=32,
-                        num_workers=1, seed=3, filelist_cache=False)  # decoding (it reads values) outside the recorder
+dm = ImageNetDataModule(DataSpec(root=root, backend=backend, batch_size=2, image_size=32, val_resize=32,
+                                 num_workers=1, seed=3, filelist_cache=False), on_gpu=False)  # decoding (it reads values) outside the recorder
 classes = len(dm.classes)
-module = Classifier(build_model("resnet20", classes), num_classes=classes, batch_size=2, lr=0.1, momentum=0.9)
+module = Classifier(build_model("resnet20", classes), num_classes=classes, batch_size=2,
+                    optim=OptimSpec(lr=0.1, momentum=0.9))
 trainer = pl.Trainer(accelerator="cpu", devices=2, num_nodes=1, strategy="ddp", max_epochs=2, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                      callbacks=[RequeueOnSignal(out, requeue=REQUEUE), record], use_distributed_sampler=False,

@@ -18,6 +18,29 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(SkipPolicy(), "imagenet_trainer_skip_policy")
 
 
+# The fast tier is `pytest -m "not slow"` (make test-fast). A test without @pytest.mark.slow whose
+# setup + call took longer than this is listed at the end of the run, to be marked slow or made
+# faster. A list, not a failure: on a shared or loaded machine times vary several-fold. The rule
+# that fails is by kind, not by time (tests/test_markers.py: subprocess fits and multi-process runs).
+FAST_TEST_BUDGET_S = 10.0
+_unmarked_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when in ("setup", "call") and "slow" not in report.keywords:
+        _unmarked_seconds[report.nodeid] = _unmarked_seconds.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    over = sorted(((s, n) for n, s in _unmarked_seconds.items() if s > FAST_TEST_BUDGET_S), reverse=True)
+    if over:
+        terminalreporter.write_line(f"{len(over)} test(s) not marked slow took over {FAST_TEST_BUDGET_S:.0f} s "
+                                    "(setup + call; a shared fixture counts for its first user): mark them "
+                                    "@pytest.mark.slow or make them faster", yellow=True)
+        for seconds, nodeid in over:
+            terminalreporter.write_line(f"  {seconds:6.1f} s  {nodeid}", yellow=True)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Keep caches and W&B files out of the user's home: everything under pytest's tmp."""
@@ -66,20 +89,23 @@ class Interrupt(Exception):
 
 
 def fit_until_interrupted(tmp_path, record, *, num_classes: int, ckpt_path=None, limit_val_batches=0, **data):
-    """A 3-epoch CPU fit of resnet20 on ``ImageNetDataModule(**data)`` with the callback ``record``
+    """A 3-epoch CPU fit of resnet20 on ``ImageNetDataModule(DataSpec(**data))`` with the callback ``record``
     (which may raise :class:`Interrupt` after saving a checkpoint), resumed from ``ckpt_path`` when
     given; seeded, so that two calls train alike. Returns the trainer."""
     import pytorch_lightning as pl
 
     from data_pipelines.datamodule import ImageNetDataModule
+    from data_pipelines.specs import DataSpec
     from trainer.callbacks import AtomicCheckpointIO
     from trainer.models import build_model
     from trainer.module import Classifier
+    from trainer.specs import OptimSpec
 
     pl.seed_everything(0)
-    dm = ImageNetDataModule(on_gpu=False, num_workers=1, seed=3, filelist_cache=False, num_classes=num_classes, **data)
+    dm = ImageNetDataModule(DataSpec(num_workers=1, seed=3, filelist_cache=False, num_classes=num_classes, **data),
+                            on_gpu=False)
     module = Classifier(build_model("resnet20", num_classes), num_classes=num_classes, batch_size=dm.batch_size,
-                        lr=0.1, momentum=0.9)
+                        optim=OptimSpec(lr=0.1, momentum=0.9))
     trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, callbacks=[record], use_distributed_sampler=False,
                          num_sanity_val_steps=0, limit_val_batches=limit_val_batches, default_root_dir=tmp_path,

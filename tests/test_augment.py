@@ -17,11 +17,13 @@ from torch import nn
 from data_pipelines import IMAGENET_MEAN, IMAGENET_STD, augment, photos
 from data_pipelines.datamodule import ImageNetDataModule
 from data_pipelines.sharding import EpochSampler, steps_per_epoch, train_indices
+from data_pipelines.specs import AugSpec, DataSpec
 from trainer.callbacks import SampleGrid
 from trainer.config import ConfigError, load_config
 from trainer.mixing import BatchMixing, build_mixing
 from trainer.models import build_model
 from trainer.module import Classifier
+from trainer.specs import MixSpec, OptimSpec
 from tests.conftest import CPU_FIT, run_cli, skip_without_dali
 
 # -- config -----------------------------------------------------------------------------------
@@ -58,6 +60,7 @@ def test_bad_aug_values_name_the_key(override, key):
         load_config(["data.root=/x", override])
 
 
+@pytest.mark.slow
 def test_a_bad_aug_value_exits_2_at_start(tiny_root, tmp_path):
     proc = run_cli("fit", *CPU_FIT, f"data.root={tiny_root}", f"run.dir={tmp_path}/run", "aug.auto_augment=random",
                    timeout=120)
@@ -141,8 +144,8 @@ def test_bad_augmentation_options_fail_when_made():
     with pytest.raises(ValueError, match="crop='center'"):
         train_transform(32, crop="center")
     with pytest.raises(ValueError, match="crop='center'"):
-        ImageNetDataModule(root="/x", backend="torchvision", on_gpu=False, batch_size=4, image_size=32,
-                           val_resize=32, num_workers=0, seed=0, crop="center")
+        ImageNetDataModule(DataSpec(root="/x", backend="torchvision", batch_size=4, image_size=32,
+                                    val_resize=32, num_workers=0, seed=0), AugSpec(crop="center"), on_gpu=False)
 
 
 # -- the training crop: random-resized, or the CIFAR pad-and-crop (He et al. 2015) -----------------
@@ -167,7 +170,7 @@ def test_the_cifar_recipe_trains_with_the_papers_crop(tiny_root):
                        "trainer.accelerator=cpu"])
     assert (cfg.aug.crop, cfg.aug.crop_padding, cfg.data.image_size) == ("pad_crop", 4, 32)
     dm = build_datamodule(cfg)
-    assert (dm.crop, dm.crop_padding) == ("pad_crop", 4)
+    assert (dm.aug.crop, dm.aug.crop_padding) == ("pad_crop", 4)
 
 
 # Image sizes (width, height) of the coded tree: 32x32 (the crop size: resized, nothing changes)
@@ -229,9 +232,9 @@ def _train_batches(root, backend: str, epochs: int, **aug) -> list[tuple[torch.T
     if backend.startswith("dali"):
         skip_without_dali()
     torch.manual_seed(0)  # torchvision's draws (in the main process here)
-    dm = ImageNetDataModule(root=str(root), backend=backend, on_gpu=False, batch_size=8, image_size=32,
-                            val_resize=32, num_workers=0 if backend == "torchvision" else 1, seed=3,
-                            filelist_cache=False, **aug)
+    dm = ImageNetDataModule(DataSpec(root=str(root), backend=backend, batch_size=8, image_size=32,
+                                     val_resize=32, num_workers=0 if backend == "torchvision" else 1, seed=3,
+                                     filelist_cache=False), AugSpec(**aug), on_gpu=False)
     loader = dm.train_dataloader()
     batches = []
     for epoch in range(epochs):
@@ -394,7 +397,8 @@ def test_soft_targets_reach_the_loss_and_train_top1_counts_the_dominant_label():
         _, targets = BatchMixing(4, mixup_alpha=1.0)(images.clone(), labels)
         if (targets.argmax(1) != labels).any():
             break
-    module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=8, lr=0.1, momentum=0.9, mixup_alpha=1.0)
+    module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=8, optim=OptimSpec(lr=0.1, momentum=0.9),
+                        mixing=MixSpec(mixup_alpha=1.0))
     module.criterion = Spy(module.criterion)
     module.train_top1 = Spy()
     module.log = lambda *args, **kwargs: None
@@ -450,8 +454,9 @@ def test_loaders_feed_repeated_images_with_different_augmentations(tmp_path, bac
     root = tmp_path / "ids"
     for split in ("train", "val"):
         photos.write_tree(root, split, classes=16, per_class=1, sizes=(64, 48))
-    dm = ImageNetDataModule(root=str(root), backend=backend, on_gpu=False, batch_size=8, image_size=32,
-                            val_resize=32, num_workers=1, seed=3, filelist_cache=False, repeated_augment=2)
+    dm = ImageNetDataModule(DataSpec(root=str(root), backend=backend, batch_size=8, image_size=32,
+                                     val_resize=32, num_workers=1, seed=3, filelist_cache=False),
+                            AugSpec(repeated_augment=2), on_gpu=False)
     images, labels = map(torch.cat, zip(*list(dm.train_dataloader())))
     counts = np.bincount(labels.numpy(), minlength=16)
     assert sorted(counts.tolist()) == [0] * 8 + [2] * 8
@@ -462,6 +467,7 @@ def test_loaders_feed_repeated_images_with_different_augmentations(tmp_path, bac
 
 # -- the grid of sample images -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fit_writes_a_grid_of_32_augmented_training_images(tiny_root, tmp_path):
     """A 2-step fit (64 images, batch 32) with every augmentation on: RUN_DIR/samples.png has
     8 x 4 tiles of the 32 px crops (make_grid's 2 px padding), and W&B (offline here) got it."""
@@ -490,16 +496,18 @@ class Losses(pl.Callback):
         self.seen.append((batch[1].tolist(), float(outputs["loss"])))
 
 
+@pytest.mark.slow
 def test_sample_grid_leaves_the_data_and_the_mixing_untouched(tiny_root, tmp_path):
     """With the grid and without it: the same batches and the same losses, so the same MixUp and
     CutMix draws (the grid redraws them under a fork of the RNG)."""
     runs = []
     for grid in (False, True):
         pl.seed_everything(0)
-        dm = ImageNetDataModule(root=str(tiny_root), backend="torchvision", on_gpu=False, batch_size=16,
-                                image_size=32, val_resize=32, num_workers=0, seed=3, filelist_cache=False)
-        module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=16, lr=0.1, momentum=0.9,
-                            mixup_alpha=0.4, cutmix_alpha=1.0)
+        dm = ImageNetDataModule(DataSpec(root=str(tiny_root), backend="torchvision", batch_size=16,
+                                         image_size=32, val_resize=32, num_workers=0, seed=3, filelist_cache=False),
+                                on_gpu=False)
+        module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=16,
+                            optim=OptimSpec(lr=0.1, momentum=0.9), mixing=MixSpec(mixup_alpha=0.4, cutmix_alpha=1.0))
         record = Losses()
         callbacks = [SampleGrid(tmp_path / "samples.png", count=8)] if grid else []
         trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -15,6 +15,7 @@ def test_auto_picks_dali_cpu_on_a_machine_with_dali_and_no_gpu():
     assert resolve_backend("auto", on_gpu=True) == "dali_gpu"
 
 
+@pytest.mark.slow
 def test_dali_gpu_without_a_gpu_fails_at_start_saying_what_to_use(tiny_root, tmp_path):
     with pytest.raises(BackendError, match="dali_cpu"):
         resolve_backend("dali_gpu", on_gpu=False)
@@ -23,6 +24,7 @@ def test_dali_gpu_without_a_gpu_fails_at_start_saying_what_to_use(tiny_root, tmp
     assert proc.returncode == 2 and "data.backend=dali_gpu needs a CUDA GPU" in proc.stderr
 
 
+@pytest.mark.slow
 def test_auto_falls_back_to_torchvision_when_dali_cannot_be_imported(tiny_root, tmp_path):
     shim = tmp_path / "shim"
     (shim / "nvidia" / "dali").mkdir(parents=True)

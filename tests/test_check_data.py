@@ -103,6 +103,7 @@ def test_dali_applies_exif_orientation(tree):
     assert out.as_array().shape == (1, W, H, 3)  # stored W x H, rotated to H x W
 
 
+@pytest.mark.slow
 def test_broken_files_are_reported_with_path_and_reason(tree):
     root, valid = tree
     broken = _write_broken(root / "train" / "b")

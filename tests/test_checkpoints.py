@@ -14,11 +14,13 @@ import pytorch_lightning as pl
 import torch
 
 from data_pipelines.datamodule import ImageNetDataModule
+from data_pipelines.specs import DataSpec
 from data_pipelines.sample import make_sample_tree
 from trainer.callbacks import AtomicCheckpointIO, RestartResumedEpoch
 from trainer.config import ConfigError, load_config
 from trainer.models import build_model
 from trainer.module import Classifier
+from trainer.specs import OptimSpec
 from trainer.preemption import Preempted, RequeueOnSignal, prune_hpc_checkpoints
 from trainer.run import fit, resume_changes
 
@@ -64,16 +66,17 @@ class _SignalAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
+@pytest.mark.slow
 def test_a_preemption_checkpoint_prunes_the_older_ones(tmp_path):
     _write_ckpts(tmp_path, [1, 2])
-    dm = ImageNetDataModule(root=None, backend="synthetic", on_gpu=False, batch_size=4, image_size=32, val_resize=32,
-                            num_workers=0, seed=0, synthetic_size=32, num_classes=4)
+    dm = ImageNetDataModule(DataSpec(root=None, backend="synthetic", batch_size=4, image_size=32, val_resize=32,
+                                     num_workers=0, seed=0, synthetic_size=32, num_classes=4), on_gpu=False)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, use_distributed_sampler=False, default_root_dir=str(tmp_path),
                          callbacks=[RequeueOnSignal(tmp_path, requeue=None, keep=2), _SignalAt()])
     with pytest.raises(Preempted):
-        trainer.fit(Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, lr=0.1, momentum=0.9), dm)
+        trainer.fit(Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, optim=OptimSpec(lr=0.1, momentum=0.9)), dm)
     assert _left(tmp_path) == ["hpc_ckpt_2.ckpt", "hpc_ckpt_3.ckpt"]
 
 
@@ -141,10 +144,12 @@ def run_dir(one_epoch, tmp_path):
     return copy
 
 
+@pytest.mark.slow
 def test_checkpoint_records_its_world_size(one_epoch):
     assert torch.load(one_epoch / "checkpoints" / "last.ckpt", weights_only=True)["world_size"] == 1
 
 
+@pytest.mark.slow
 def test_resume_with_another_batch_is_refused_naming_the_setting_and_both_values(run_dir):
     config_yaml = (run_dir / "config.yaml").read_text()
     with pytest.raises(ConfigError) as err:
@@ -157,11 +162,13 @@ def test_resume_with_another_batch_is_refused_naming_the_setting_and_both_values
     assert (run_dir / "config.yaml").read_text() == config_yaml  # the refused run changed nothing
 
 
+@pytest.mark.slow
 def test_resume_with_only_more_epochs_is_refused_too(run_dir):
     with pytest.raises(ConfigError, match=r"trainer\.max_epochs 1 \(this run: 2\)"):
         fit(load_config(_overrides(run_dir, "trainer.max_epochs=2")))
 
 
+@pytest.mark.slow
 def test_resume_with_the_same_settings_says_nothing(run_dir, caplog):
     with caplog.at_level(logging.WARNING):
         summary = fit(load_config(_overrides(run_dir)))
@@ -169,6 +176,7 @@ def test_resume_with_the_same_settings_says_nothing(run_dir, caplog):
     assert not [r for r in caplog.records if "allow_resume_change" in r.getMessage()]
 
 
+@pytest.mark.slow
 def test_allowed_resume_change_warns_what_is_re_derived_and_runs(run_dir, caplog):
     before = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     with caplog.at_level(logging.WARNING, logger="imagenet_trainer"):
@@ -224,13 +232,14 @@ def ids_root(tmp_path_factory):
 
 
 def _fit(root, tmp_path, batch_size, record, ckpt_path=None, restart=False):
-    dm = ImageNetDataModule(root=str(root), backend="torchvision", on_gpu=False, batch_size=batch_size, image_size=32,
-                            val_resize=32, num_workers=0, seed=3, filelist_cache=False)
+    dm = ImageNetDataModule(DataSpec(root=str(root), backend="torchvision", batch_size=batch_size, image_size=32,
+                                     val_resize=32, num_workers=0, seed=3, filelist_cache=False), on_gpu=False)
     callbacks = [record]
     if restart:
         dm.restart_epoch()
         callbacks.append(RestartResumedEpoch())
-    module = Classifier(build_model("resnet20", 36), num_classes=36, batch_size=batch_size, lr=0.1, momentum=0.9)
+    module = Classifier(build_model("resnet20", 36), num_classes=36, batch_size=batch_size,
+                        optim=OptimSpec(lr=0.1, momentum=0.9))
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                          use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -243,6 +252,7 @@ def _fit(root, tmp_path, batch_size, record, ckpt_path=None, restart=False):
 
 
 @pytest.mark.parametrize("where", ["start", "end"])
+@pytest.mark.slow
 def test_a_restarted_epoch_trains_every_batch_of_the_new_size_once(ids_root, tmp_path, where):
     """Mid-epoch checkpoint at batch 4, epoch 1; resumed with batch 8: epoch 1 starts again and
     trains all its 4 batches of 8 (36 images), though Lightning restored 3 or 4 batches as done."""
@@ -380,6 +390,7 @@ def _assert_follows_epochs(resumed, fresh, *, first_epoch: int, steps_per_epoch:
 
 
 @pytest.mark.parametrize("old_batch, new_batch", [(4, 8), (8, 4)])
+@pytest.mark.slow
 def test_a_resume_with_another_batch_follows_the_schedule_in_epochs(tmp_path, old_batch, new_batch):
     run_dir, fresh_dir = tmp_path / "run", tmp_path / "fresh"
     fit(load_config(_schedule_overrides(run_dir, f"data.batch_size={old_batch}", "trainer.max_epochs=2")))
@@ -391,6 +402,7 @@ def test_a_resume_with_another_batch_follows_the_schedule_in_epochs(tmp_path, ol
     _assert_follows_epochs(_lr_course(run_dir), fresh, first_epoch=2, steps_per_epoch=32 // new_batch)
 
 
+@pytest.mark.slow
 def test_a_resume_on_fewer_processes_follows_the_schedule_in_epochs(tmp_path):
     from tests.conftest import run_cli
 

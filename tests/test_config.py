@@ -86,6 +86,7 @@ def test_bad_override_fails_naming_the_key(override, words):
         assert word in str(info.value)
 
 
+@pytest.mark.slow
 def test_cli_exits_2_on_a_misspelt_key_before_anything_heavy(tmp_path):
     proc = run_cli("fit", "data.root=/nonexistent", "optim.learning_rate=0.1", f"run.dir={tmp_path}/run", timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -93,12 +94,14 @@ def test_cli_exits_2_on_a_misspelt_key_before_anything_heavy(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_cli_missing_data_root_exits_2(tmp_path):
     proc = run_cli("fit", f"run.dir={tmp_path}/run", timeout=120)
     assert proc.returncode == 2
     assert "data.root" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_bad_tree_exits_2_naming_the_folder(tmp_path):
     (tmp_path / "train").mkdir()
     proc = run_cli("fit", "experiment=smoke", f"data.root={tmp_path}", f"run.dir={tmp_path}/run", timeout=120)
@@ -106,6 +109,7 @@ def test_cli_bad_tree_exits_2_naming_the_folder(tmp_path):
     assert str(tmp_path / "train") in proc.stderr
 
 
+@pytest.mark.slow
 def test_print_config_prints_resolved_yaml():
     proc = run_cli("print-config", "experiment=smoke", "data.root=/data", "model.arch=plain34", timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -114,7 +118,7 @@ def test_print_config_prints_resolved_yaml():
 
 
 def test_submit_leaves_the_jobs_environment_to_the_job(tmp_path, monkeypatch, capsys):
-    """The README's staging pattern on a login node without TMPDIR: submit checks every other key,
+    """The staging pattern of docs/clusters.md on a login node without TMPDIR: submit checks every other key,
     and the rendered script keeps the interpolation for the job's nodes to resolve."""
     from trainer.cli import main
 
@@ -145,3 +149,52 @@ def test_batch_limits_keep_lightnings_int_count_and_float_fraction(value, expect
 def test_a_bad_batch_limit_is_refused_naming_the_key(value):
     with pytest.raises(ConfigError, match=r"trainer\.limit_val_batches"):
         load_config(["data.root=/x", f"trainer.limit_val_batches={value}"])
+
+
+def _yaml_leaves() -> dict:
+    from trainer.config import _leaves
+
+    return dict(_leaves(OmegaConf.to_container(OmegaConf.load(conf_dir() / "config.yaml"), resolve=False)))
+
+
+def test_config_yaml_states_every_schema_default_and_no_other_value():
+    """A default lives in one place: config.yaml writes out the schema's (trainer/config.py), key for
+    key, so the two cannot drift apart; a new schema key must be documented there too."""
+    from trainer.config import _leaves, schema
+
+    defaults = dict(_leaves(OmegaConf.to_container(schema(), resolve=False)))
+    stated = _yaml_leaves()
+    assert sorted(stated) == sorted(defaults)
+    # 1 == True in Python: a bool must be stated as a bool.
+    differ = {k: (v, defaults[k]) for k, v in stated.items()
+              if v != defaults[k] or isinstance(v, bool) != isinstance(defaults[k], bool)}
+    assert differ == {}
+
+
+def test_every_key_of_config_yaml_has_a_comment():
+    """config.yaml is the documentation of the keys: each leaf's line says what it does."""
+    leaves = {k.rsplit(".", 1)[-1] for k in _yaml_leaves()}
+    lines = (conf_dir() / "config.yaml").read_text().splitlines()
+    bare = [line for line in lines
+            if ":" in line and not line.lstrip().startswith("#") and line.split(":", 1)[0].strip() in leaves
+            and line.split(":", 1)[1].strip() and "#" not in line]
+    assert bare == []
+
+
+def test_the_specs_are_built_from_the_config_once():
+    from data_pipelines.specs import AugSpec, DataSpec
+    from trainer.config import aug_spec, data_spec, loss_spec, mix_spec, optim_spec, schedule_spec
+    from trainer.specs import LossSpec, MixSpec, OptimSpec, ScheduleSpec
+
+    cfg = load_config(["data.root=/x", "optim.name=lamb", "optim.betas=[0.8,0.9]", "optim.schedule=step",
+                       "loss.name=bce", "aug.mixup_alpha=0.2", "aug.crop=pad_crop", "data.progressive.start_size=160",
+                       "data.progressive.end_size=192", "data.progressive.start_epoch=0", "data.progressive.end_epoch=10"])
+    assert optim_spec(cfg) == OptimSpec(name="lamb", lr=0.256, momentum=0.875, betas=(0.8, 0.9),
+                                        weight_decay=3.0517578125e-05)
+    assert schedule_spec(cfg) == ScheduleSpec(name="step", warmup_epochs=8.0)
+    assert loss_spec(cfg) == LossSpec(name="bce", label_smoothing=0.1)
+    assert mix_spec(cfg) == MixSpec(mixup_alpha=0.2)
+    assert aug_spec(cfg) == AugSpec(crop="pad_crop")
+    data = data_spec(cfg)
+    assert isinstance(data, DataSpec) and (data.root, data.batch_size, data.seed) == ("/x", 256, 0)
+    assert data.resolution.start_size == 160 and data.resolution.end_epoch == 10

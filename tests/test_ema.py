@@ -181,6 +181,7 @@ def _run(cfg, run_dir, extra=(), ckpt_path=None):
     return trainer
 
 
+@pytest.mark.slow
 def test_resume_restores_the_ema_and_ends_where_an_uninterrupted_run_does(tmp_path):
     cfg = load_config(_overrides(tmp_path / "full", "trainer.max_epochs=2"))
     full = _ema_of(_run(cfg, tmp_path / "full"))
@@ -216,6 +217,7 @@ def test_validate_takes_the_ema_by_default_and_either_on_request(ema_run):
     assert raw["loss"] == pytest.approx(summary["val/loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_export_and_load_pretrained_choose_the_weights(ema_run, tmp_path):
     run_dir, _ = ema_run
     ckpt = run_dir / "checkpoints" / "last.ckpt"
@@ -244,6 +246,7 @@ def test_export_and_load_pretrained_choose_the_weights(ema_run, tmp_path):
     assert meta["weights"] == "ema" and load_pretrained(tmp_path / "ema.safetensors").meta["weights"] == "ema"
 
 
+@pytest.mark.slow
 def test_asking_for_the_ema_of_a_checkpoint_without_one_is_a_clear_error(ema_run, tmp_path):
     run_dir, _ = ema_run
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
@@ -259,6 +262,7 @@ def test_asking_for_the_ema_of_a_checkpoint_without_one_is_a_clear_error(ema_run
     assert proc.returncode == 2 and "holds no EMA weights" in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_fit_validates_and_checkpoints_the_ema(tiny_root, tmp_path):
     run_dir = tmp_path / "ddp"
     proc = run_cli("fit", "experiment=smoke", "data.backend=torchvision", "data.num_workers=0",

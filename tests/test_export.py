@@ -17,6 +17,7 @@ from trainer.export import export_checkpoint, plain_state_dict, sidecar_path
 from trainer.models import build_model
 from trainer.module import Classifier
 from trainer.run import build_module, load_checkpoint_config
+from trainer.specs import OptimSpec
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,7 @@ def logits(model, x) -> torch.Tensor:
         return model(x)
 
 
+@pytest.mark.slow
 def test_torchvision_export_loads_strictly_into_torchvision_resnet18(exported, module, images, tiny_root):
     out = exported["torchvision"]
     net = torchvision.models.resnet18(num_classes=4)
@@ -79,11 +81,12 @@ def test_torchvision_export_loads_strictly_into_torchvision_resnet18(exported, m
 @pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
 def test_every_torchvision_depth_accepts_the_exported_state_dict(depth):
     arch = f"resnet{depth}"
-    classifier = Classifier(build_model(arch, 7), num_classes=7, batch_size=8, lr=0.1, momentum=0.9)
+    classifier = Classifier(build_model(arch, 7), num_classes=7, batch_size=8, optim=OptimSpec(lr=0.1, momentum=0.9))
     sd = plain_state_dict(classifier.state_dict())
     getattr(torchvision.models, arch)(num_classes=7).load_state_dict(sd, strict=True)
 
 
+@pytest.mark.slow
 def test_safetensors_export_loads_with_safetensors_and_matches(exported, module, images):
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -98,6 +101,7 @@ def test_safetensors_export_loads_with_safetensors_and_matches(exported, module,
         assert json.loads(f.metadata()["imagenet_trainer"])["classes"] == meta["classes"]
 
 
+@pytest.mark.slow
 def test_onnx_export_has_a_dynamic_batch_and_matches_in_onnxruntime(exported, module):
     import onnx
     import onnxruntime as ort
@@ -114,6 +118,7 @@ def test_onnx_export_has_a_dynamic_batch_and_matches_in_onnxruntime(exported, mo
         np.testing.assert_allclose(got, logits(module, x).numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_load_pretrained_reads_every_source_alike(trained, exported, module, images):
     import trainer
 
@@ -129,6 +134,7 @@ def test_load_pretrained_reads_every_source_alike(trained, exported, module, ima
         assert preprocess(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
 
 
+@pytest.mark.slow
 def test_load_pretrained_never_unpickles_code(exported, tmp_path):
     from trainer.pretrained import load_pretrained
 
@@ -152,6 +158,7 @@ def test_load_pretrained_never_unpickles_code(exported, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_export_without_sidecar_or_of_a_missing_file_says_what_to_do(exported, tmp_path, capsys):
     from trainer.cli import main
     from trainer.pretrained import load_pretrained
@@ -166,6 +173,7 @@ def test_export_without_sidecar_or_of_a_missing_file_says_what_to_do(exported, t
     assert "nope.ckpt does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_load_pretrained_from_a_wandb_artifact_reference(trained, tmp_path, monkeypatch):
     """The artifact a W&B run logs holds `model.ckpt`. The server is replaced by a stand-in that
     serves this checkpoint: what is tested is resolving the reference and loading what arrives."""

@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainer.models import build_model
 from trainer.module import Classifier, sgd_implementation
+from trainer.specs import OptimSpec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,7 +46,7 @@ def test_input_dtype_follows_the_precision():
 def test_channels_last_weights_and_inputs():
     model = build_model("resnet18", 4, channels_last=True)
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    module = Classifier(model, num_classes=4, batch_size=2, lr=0.1, momentum=0.9, channels_last=True)
+    module = Classifier(model, num_classes=4, batch_size=2, optim=OptimSpec(lr=0.1, momentum=0.9), channels_last=True)
     seen = []
     model.conv1.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     images = torch.randn(2, 3, 32, 32)
@@ -160,7 +161,7 @@ def test_progress_bar_shows_the_loss_it_no_longer_gets_from_prog_bar(tmp_path):
     from trainer.callbacks import ProgressBar
 
     bar = ProgressBar(refresh_rate=1)
-    module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, lr=0.1, momentum=0.9)
+    module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, optim=OptimSpec(lr=0.1, momentum=0.9))
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          callbacks=[bar], default_root_dir=tmp_path, enable_model_summary=False)
     trainer.fit(module, SyntheticLoader(num_batches=2, batch_size=4, image_size=32, num_classes=4, seed=0))
@@ -174,6 +175,7 @@ def _run(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_loop_overhead_runs_on_the_cpu_and_prints_its_table(tmp_path):
     proc = _run("loop_overhead.py", "--arch", "resnet20", "--batch", "4", "--image-size", "32", "--steps", "2",
                 "--warmup", "1", "--rounds", "1", "--threads", "1", "--out", str(tmp_path / "lo"))
@@ -186,6 +188,7 @@ def test_loop_overhead_runs_on_the_cpu_and_prints_its_table(tmp_path):
     assert rows[0]["ratio"] == 1.0 and all(r["ms_per_step"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_gpu_throughput_runs_on_the_cpu_with_tiny_sizes(tmp_path):
     proc = _run("gpu_throughput.py", "--device", "cpu", "--arch", "resnet20", "--batch", "4", "--steps", "2",
                 "--repeats", "2", "--warmup", "1", "--image-size", "32", "--threads", "1",

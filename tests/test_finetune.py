@@ -83,6 +83,7 @@ def test_a_file_that_does_not_fit_is_refused_naming_the_problem(tmp_path, make, 
         assert word in msg, msg
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_missing_init_file_with_exit_2(tiny_root, tmp_path):
     proc = run_cli("fit", "experiment=smoke", f"data.root={tiny_root}", f"run.dir={tmp_path / 'run'}",
                    f"model.init_from={tmp_path / 'nope.pt'}", "logger.wandb.mode=disabled")
@@ -135,6 +136,7 @@ def _smoke(root, run_dir, *more):
             "optim.warmup_epochs=0", "logger.wandb.mode=disabled", *more]
 
 
+@pytest.mark.slow
 def test_finetuning_from_other_classes_beats_training_from_scratch(tmp_path):
     """Pre-trained on 26 classes (coloured shapes), then trained on 10 other classes with 20 images
     each: at equal epochs and the same recipe, the pre-trained start ends well above the scratch one.

@@ -7,6 +7,8 @@ import pytest
 
 from tests.conftest import CPU_FIT, pack_with_cli, run_cli
 
+pytestmark = pytest.mark.slow
+
 # 10 classes: chance is 0.10. Classes share shapes (3 kinds of circle) and colours (3 cyan
 # shapes), so a pipeline that loses colour or geometry, or scrambles labels, stays far below.
 # Clean runs of this exact setting reached 0.70-0.80 here; 0.45 leaves room for seed noise.

@@ -130,6 +130,7 @@ def _metrics_csv(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("backend", ["dali_gpu", "torchvision"])
+@pytest.mark.slow
 def test_bf16_fit_on_the_gpu_learns_and_validates_every_image_once(sample_root, tmp_path, backend):
     from tests.conftest import run_cli
 

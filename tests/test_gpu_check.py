@@ -6,9 +6,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_stage_and_writes_its_tables(tmp_path):
     out = tmp_path / "check"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}

@@ -19,6 +19,7 @@ import torch
 from data_pipelines import dali, layout
 from trainer.models import build_model
 from trainer.module import Classifier
+from trainer.specs import OptimSpec
 from tests.test_fast_path import _OpRecorder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -226,8 +227,8 @@ def test_a_dali_gpu_batch_reaches_the_model_with_at_most_one_copy(dtype):
     image_copies = [op for op in _copies(rec.ops) if "_to_copy" in op or "copy_" in op]
     assert len(image_copies) <= (1 if dtype != dali_dtype else 0) + 1  # + the labels' int32 -> int64
     torch.testing.assert_close(images.float(), nhwc.permute(0, 3, 1, 2).to(dtype).float())
-    module = Classifier(build_model("resnet20", 4, channels_last=True), num_classes=4, batch_size=4, lr=0.1,
-                        momentum=0.9, channels_last=True).to(dtype)
+    module = Classifier(build_model("resnet20", 4, channels_last=True), num_classes=4, batch_size=4,
+                        optim=OptimSpec(lr=0.1, momentum=0.9), channels_last=True).to(dtype)
     seen = []
     module.model.conv1.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     module(images)
@@ -342,8 +343,8 @@ def _as_if_on_cuda(monkeypatch):
 def _tiny_fit(tmp_path, precision_kwargs: dict, clip: float | None) -> pl.Trainer:
     from data_pipelines.synthetic import SyntheticLoader
 
-    module = Classifier(build_model("resnet20", 4, channels_last=True), num_classes=4, batch_size=4, lr=0.1,
-                        momentum=0.9, channels_last=True)
+    module = Classifier(build_model("resnet20", 4, channels_last=True), num_classes=4, batch_size=4,
+                        optim=OptimSpec(lr=0.1, momentum=0.9), channels_last=True)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=clip,
                          default_root_dir=tmp_path, **precision_kwargs)
@@ -395,7 +396,7 @@ def test_a_16_mixed_resume_keeps_the_sgd_implementation_it_chose(tmp_path, monke
     from pytorch_lightning.plugins.precision import MixedPrecision
 
     def fit(clip, ckpt_path=None, epochs=1):
-        module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, lr=0.1, momentum=0.9)
+        module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, optim=OptimSpec(lr=0.1, momentum=0.9))
         trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_progress_bar=False,
                              enable_model_summary=False, gradient_clip_val=clip, default_root_dir=tmp_path,
                              plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
@@ -457,10 +458,11 @@ def test_synthetic_gpu_batches_come_in_the_models_dtype_and_layout():
     """The synthetic backend times the model alone: its batch is made once in the dtype and memory
     format the model consumes, so no step pays a cast or a layout copy."""
     from data_pipelines.datamodule import ImageNetDataModule
+    from data_pipelines.specs import DataSpec
 
-    dm = ImageNetDataModule(root=None, backend="synthetic", on_gpu=True, batch_size=4, image_size=32, val_resize=32,
-                            num_workers=0, seed=0, synthetic_size=16, num_classes=4, gpu_dtype="bfloat16",
-                            channels_last=True)
+    dm = ImageNetDataModule(DataSpec(root=None, backend="synthetic", batch_size=4, image_size=32, val_resize=32,
+                                     num_workers=0, seed=0, synthetic_size=16, num_classes=4),
+                            on_gpu=True, gpu_dtype="bfloat16", channels_last=True)
     images, labels = next(iter(dm.train_dataloader()))
     assert images.dtype == torch.bfloat16 and images.is_contiguous(memory_format=torch.channels_last)
     assert labels.dtype == torch.int64

@@ -40,9 +40,10 @@ def counted(root, split, classes=None):
 
 layout.scan_split = counted
 from data_pipelines.datamodule import ImageNetDataModule
+from data_pipelines.specs import DataSpec
 
-dm = ImageNetDataModule(root=sys.argv[1], backend="torchvision", on_gpu=False, batch_size=2,
-                        image_size=32, val_resize=32, num_workers=0, seed=0)
+dm = ImageNetDataModule(DataSpec(root=sys.argv[1], backend="torchvision", batch_size=2,
+                                 image_size=32, val_resize=32, num_workers=0, seed=0), on_gpu=False)
 (out / f"ready-{me}").touch()
 while not (out / "go").exists():
     time.sleep(0.005)
@@ -96,6 +97,7 @@ LAUNCHERS = {
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.slow
 def test_four_processes_list_each_split_once_and_get_the_same_lists(root, tmp_path, launcher):
     out, cache_home = tmp_path / "out", tmp_path / "xdg"
     out.mkdir()

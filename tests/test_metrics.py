@@ -16,10 +16,11 @@ from data_pipelines.synthetic import SyntheticLoader
 from trainer.callbacks import sum_over_ranks
 from trainer.models import build_model
 from trainer.module import Classifier
+from trainer.specs import LossSpec, OptimSpec
 
 
 def test_loss_and_metrics_get_float32_logits_under_bf16_autocast():
-    module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, lr=0.1, momentum=0.9)
+    module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, optim=OptimSpec(lr=0.1, momentum=0.9))
     seen = []
     module.criterion.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
@@ -31,8 +32,8 @@ def test_loss_and_metrics_get_float32_logits_under_bf16_autocast():
 
 
 def test_val_ce_is_plain_cross_entropy_and_val_loss_the_smoothed_one(tmp_path):
-    module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, lr=0.1, momentum=0.9,
-                        label_smoothing=0.3)
+    module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, optim=OptimSpec(lr=0.1, momentum=0.9),
+                        loss=LossSpec(label_smoothing=0.3))
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path)
     loader = SyntheticLoader(num_batches=2, batch_size=4, image_size=32, num_classes=4, seed=0)
@@ -62,6 +63,7 @@ def _sum_worker(rank: int, port: int, out) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_images_per_sec_total_is_the_sum_of_every_ranks_rate():
     """Rank rates 100 and 200 make 300 on both ranks; rank 0's rate times the world size (what was
     logged before) would say 200."""
@@ -89,7 +91,7 @@ def _ddp_worker(rank: int, port: int, out) -> None:
                       WORLD_SIZE="2")
     from lightning_fabric.plugins.environments import LightningEnvironment
 
-    module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, lr=0.1, momentum=0.9)
+    module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, optim=OptimSpec(lr=0.1, momentum=0.9))
     record = _LossesPerRank(out)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -99,6 +101,7 @@ def _ddp_worker(rank: int, port: int, out) -> None:
     trainer.fit(module, SyntheticLoader(num_batches=3, batch_size=4, image_size=32, num_classes=4, seed=rank))
 
 
+@pytest.mark.slow
 def test_train_loss_epoch_is_the_mean_over_every_rank():
     with mp.Manager() as manager:
         out = manager.dict()

@@ -52,6 +52,7 @@ def _wait_for_lines(path: Path, count: int, proc: subprocess.Popen, limit: float
 
 @pytest.mark.parametrize("source", ["folders", "pack"])
 @pytest.mark.parametrize("backend", ["torchvision", "dali_cpu"])
+@pytest.mark.slow
 def test_usr1_then_resume_logs_every_step_once_from_step_0(tiny_root, tmp_path_factory, tmp_path, backend, source):
     if backend == "dali_cpu":
         skip_without_dali()

@@ -9,6 +9,7 @@ import torch
 
 from trainer.models import build_model
 from trainer.module import Classifier, param_groups, warmup_cosine
+from trainer.specs import OptimSpec, ScheduleSpec
 
 
 def test_warmup_reaches_peak_at_its_last_step_and_cosine_ends_at_zero():
@@ -53,8 +54,7 @@ def test_schedule_in_a_real_fit_peaks_after_warmup_and_ends_near_zero(tmp_path):
         def on_train_batch_start(self, trainer, module, batch, idx):
             seen.append(trainer.optimizers[0].param_groups[0]["lr"])
 
-    module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=8, lr=0.512, momentum=0.9,
-                        weight_decay=1e-4, warmup_epochs=1)
+    module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=8, optim=OptimSpec(lr=0.512, momentum=0.9, weight_decay=1e-4), schedule=ScheduleSpec(warmup_epochs=1))
     loader = torch.utils.data.DataLoader(_Batches(), batch_size=8)
     trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path,

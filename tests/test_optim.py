@@ -20,6 +20,7 @@ from trainer.module import Classifier, param_groups
 from trainer.optim import OPTIMIZERS, build_optimizer
 from trainer.run import build_module, fit, load_checkpoint_config, resume_changes
 from trainer.schedules import SCHEDULES, schedule, warmup_cosine, warmup_linear, warmup_poly, warmup_step
+from trainer.specs import LossSpec, OptimSpec, ScheduleSpec
 
 # --- config keys -------------------------------------------------------------------------------
 
@@ -75,6 +76,7 @@ def test_nesterov_needs_a_momentum_optimiser():
         load_config(["data.root=/x", "optim.name=adamw", "optim.nesterov=true"])
 
 
+@pytest.mark.slow
 def test_cli_exits_2_on_an_unknown_optimiser():
     proc = run_cli("print-config", "data.root=/x", "optim.name=adam", timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -184,16 +186,16 @@ def _fit_lrs(tmp_path, module, *, epochs, accumulate=1, soft=False):
 
 
 def test_step_schedule_milestones_are_epochs_in_a_real_fit(tmp_path):
-    module = Classifier(_tiny_net(), num_classes=4, batch_size=8, lr=0.256, momentum=0.9, warmup_epochs=0,
-                        schedule="step", milestones=(1, 2), gamma=0.5)
+    module = Classifier(_tiny_net(), num_classes=4, batch_size=8, optim=OptimSpec(lr=0.256, momentum=0.9),
+                        schedule=ScheduleSpec(name="step", milestones=(1, 2), gamma=0.5))
     seen, _ = _fit_lrs(tmp_path, module, epochs=3)
     peak = 0.256 * 8 / 256
     assert seen == pytest.approx([peak] * 5 + [peak / 2] * 5 + [peak / 4] * 5)
 
 
 def test_linear_schedule_in_a_real_fit_peaks_after_warmup_and_falls_to_zero(tmp_path):
-    module = Classifier(_tiny_net(), num_classes=4, batch_size=8, lr=0.256, momentum=0.9, warmup_epochs=1,
-                        schedule="linear")
+    module = Classifier(_tiny_net(), num_classes=4, batch_size=8, optim=OptimSpec(lr=0.256, momentum=0.9),
+                        schedule=ScheduleSpec(name="linear", warmup_epochs=1))
     seen, _ = _fit_lrs(tmp_path, module, epochs=3)
     peak = 0.256 * 8 / 256
     assert seen[4] == pytest.approx(peak) and seen[5] == pytest.approx(peak)
@@ -202,10 +204,10 @@ def test_linear_schedule_in_a_real_fit_peaks_after_warmup_and_falls_to_zero(tmp_
 
 def test_linear_schedule_peaks_at_peak_epoch_as_ffcvs_lr_peak_epoch(tmp_path):
     """optim.peak_epoch without a warmup is the same triangle as a warmup of that length."""
-    by_peak = Classifier(_tiny_net(), num_classes=4, batch_size=8, lr=0.256, momentum=0.9, warmup_epochs=0,
-                         schedule="linear", peak_epoch=1)
-    by_warmup = Classifier(_tiny_net(), num_classes=4, batch_size=8, lr=0.256, momentum=0.9, warmup_epochs=1,
-                           schedule="linear")
+    by_peak = Classifier(_tiny_net(), num_classes=4, batch_size=8, optim=OptimSpec(lr=0.256, momentum=0.9),
+                         schedule=ScheduleSpec(name="linear", peak_epoch=1))
+    by_warmup = Classifier(_tiny_net(), num_classes=4, batch_size=8, optim=OptimSpec(lr=0.256, momentum=0.9),
+                           schedule=ScheduleSpec(name="linear", warmup_epochs=1))
     seen, _ = _fit_lrs(tmp_path / "peak", by_peak, epochs=3)
     want, _ = _fit_lrs(tmp_path / "warmup", by_warmup, epochs=3)
     assert seen == pytest.approx(want) and max(seen) == pytest.approx(0.256 * 8 / 256)
@@ -223,9 +225,10 @@ def test_peak_epoch_is_checked(overrides, message):
 # --- gradient accumulation ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_accumulation_scales_the_lr_by_the_effective_batch(tmp_path):
-    module = Classifier(_tiny_net(), num_classes=4, batch_size=8, lr=0.256, momentum=0.9, warmup_epochs=0,
-                        schedule="step", milestones=(100,))
+    module = Classifier(_tiny_net(), num_classes=4, batch_size=8, optim=OptimSpec(lr=0.256, momentum=0.9),
+                        schedule=ScheduleSpec(name="step", milestones=(100,)))
     seen, trainer = _fit_lrs(tmp_path, module, epochs=2, accumulate=2)
     # 5 batches an epoch, a step every 2 and at the epoch's end: 3 steps an epoch.
     assert trainer.global_step == 6 and len(seen) == 6
@@ -279,8 +282,9 @@ def test_each_optimiser_equals_its_reference_over_a_few_steps(name):
 
     model, ref = _toy(), _toy()
     kwargs = dict(lr=LR, momentum=0.9, nesterov=name in ("sgd", "lars"), betas=(0.8, 0.99), eps=1e-7,
-                  trust_coeff=0.02, impl={"foreach": True} if name in ("sgd", "adamw") else {})
-    opt = build_optimizer(name, param_groups(model, WD), **kwargs)
+                  trust_coeff=0.02)
+    impl = {"foreach": True} if name in ("sgd", "adamw") else {}
+    opt = build_optimizer(OptimSpec(name=name, **kwargs), param_groups(model, WD), impl=impl)
     reference = {
         "sgd": lambda: torch.optim.SGD(param_groups(ref, WD), lr=LR, momentum=0.9, nesterov=True),
         "adamw": lambda: torch.optim.AdamW(param_groups(ref, WD), lr=LR, betas=(0.8, 0.99), eps=1e-7),
@@ -301,7 +305,7 @@ def test_lars_first_step_adapts_weights_only_never_batchnorm_or_biases(wd):
     weight decay 0 too), plain SGD on BN parameters and biases."""
     model, eta = _toy(), 0.02
     before = copy.deepcopy(model)
-    opt = build_optimizer("lars", param_groups(model, wd), lr=LR, momentum=0.9, trust_coeff=eta)
+    opt = build_optimizer(OptimSpec(name="lars", lr=LR, momentum=0.9, trust_coeff=eta), param_groups(model, wd))
     x, y = _batch(0)
     F.cross_entropy(model(x), y).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -322,7 +326,7 @@ def test_lamb_first_step_adapts_weights_only():
     norm at 1 first."""
     model, eps = _toy(), 1e-6
     before = copy.deepcopy(model)
-    opt = build_optimizer("lamb", param_groups(model, WD), lr=LR, betas=(0.9, 0.999), eps=eps)
+    opt = build_optimizer(OptimSpec(name="lamb", lr=LR, betas=(0.9, 0.999), eps=eps), param_groups(model, WD))
     x, y = _batch(0)
     F.cross_entropy(model(x), y).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -339,7 +343,7 @@ def test_lamb_first_step_adapts_weights_only():
 
 def test_unknown_optimiser_names_the_choices():
     with pytest.raises(ValueError, match="optim.name='adam'.*lamb"):
-        build_optimizer("adam", param_groups(_toy(), 0.0), lr=0.1)
+        build_optimizer(OptimSpec(name="adam", lr=0.1), param_groups(_toy(), 0.0))
 
 
 # --- losses -------------------------------------------------------------------------------------
@@ -396,8 +400,8 @@ def test_losses_hold_no_state_so_old_checkpoints_load():
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_a_fit_on_soft_targets_trains(tmp_path, loss):
-    module = Classifier(_tiny_net(), num_classes=4, batch_size=8, lr=0.256, momentum=0.9, label_smoothing=0.1,
-                        loss=loss)
+    module = Classifier(_tiny_net(), num_classes=4, batch_size=8, optim=OptimSpec(lr=0.256, momentum=0.9),
+                        loss=LossSpec(name=loss, label_smoothing=0.1))
     _, trainer = _fit_lrs(tmp_path, module, epochs=1, soft=True)
     assert trainer.global_step == 5 and math.isfinite(float(trainer.callback_metrics["train/loss_epoch"]))
 
@@ -424,16 +428,17 @@ def test_a_cpu_fit_runs_two_steps_with_each_optimiser(tmp_path, name, more, stat
     assert summary["global_step"] == 2 and 0 <= summary["val/top1"] <= 1
     ckpt_path = run_dir / "checkpoints" / "last.ckpt"
     ckpt = torch.load(ckpt_path, weights_only=True)
-    assert ckpt["hyper_parameters"]["optimizer"] == name
+    assert ckpt["hyper_parameters"]["optim"]["name"] == name
     assert all(state_key in s for s in ckpt["optimizer_states"][0]["state"].values())
     # The checkpoint rebuilds the same network (BlurPool included) and its weights load strictly.
     cfg, _ = load_checkpoint_config(ckpt_path, [])
     module = build_module(cfg, ckpt["hyper_parameters"]["classes"])
     module.load_state_dict(ckpt["state_dict"])
-    assert module.hparams.optimizer == name
+    assert module.hparams.optim["name"] == module.optim_spec.name == name
     assert ("blur" in str(module.model)) == ("model.blurpool=true" in more)
 
 
+@pytest.mark.slow
 def test_cli_fit_with_lamb_bce_blurpool_and_accumulation_on_jpegs(tiny_root, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli("fit", *CPU_FIT, f"data.root={tiny_root}", f"run.dir={run_dir}", "data.batch_size=8",

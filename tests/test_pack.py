@@ -255,6 +255,7 @@ def test_rerun_rewrites_only_a_corrupt_shard_and_follows_new_arguments(tree, pac
     assert sorted(p.name for p in (out / packing.STATE).iterdir()) == ["lock", "train-000000.json", "val-000000.json"]
 
 
+@pytest.mark.slow
 def test_worker_processes_write_the_same_bytes(tree, packed, tmp_path):
     out = tmp_path / "out"
     result = packing.pack(tree, out, shard_size=SHARD, workers=2)
@@ -346,6 +347,7 @@ def test_a_resumed_pack_decodes_only_the_images_of_shards_still_to_write(tree, t
         os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
+@pytest.mark.slow
 def test_a_resumed_pack_with_a_relative_root_decodes_nothing_again_and_says_so(tmp_path):
     """`pack data/sample out` run again from the same folder: the records hold each file's absolute
     path, so the plan must too, or every image is decoded again under a log saying it was not. Only

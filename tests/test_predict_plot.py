@@ -33,6 +33,7 @@ def run_dir(sample3, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_predict_names_the_class_of_sample_images(run_dir, sample3):
     val = sample3 / "val"
     one_file = sorted((val / "n00000002").iterdir())[0]
@@ -51,6 +52,7 @@ def test_predict_names_the_class_of_sample_images(run_dir, sample3):
     assert results[-1]["topk"] == [r for r in results if r["path"] == str(one_file)][0]["topk"]
 
 
+@pytest.mark.slow
 def test_predict_text_output_and_a_bad_file(run_dir, sample3, tmp_path, capsys):
     from trainer.cli import main
 
@@ -78,6 +80,7 @@ def _csv_series(path: Path) -> dict[str, tuple[list[int], list[float]]]:
     return out
 
 
+@pytest.mark.slow
 def test_plot_draws_the_runs_own_metrics_into_a_png(run_dir, tmp_path):
     from PIL import Image
 

@@ -17,10 +17,12 @@ import pytorch_lightning as pl
 import torch
 
 from data_pipelines.datamodule import ImageNetDataModule
+from data_pipelines.specs import DataSpec
 from trainer.models import build_model
 from trainer.module import Classifier
 from tests.conftest import pack_with_cli, skip_without_dali
 from trainer.preemption import Preempted, RequeueOnSignal, next_hpc_path, requeue_command
+from trainer.specs import OptimSpec
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("_preempt_rank.py")
@@ -91,6 +93,7 @@ def _uninterrupted(root: Path, tmp_path_factory, backend: str) -> list[dict]:
 
 @pytest.mark.parametrize("source", ["folders", "pack"])
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_usr1_to_one_rank_stops_both_at_one_step_and_the_resume_is_exact(request, tmp_path, tmp_path_factory, backend,
                                                                          source):
     """The same from a pack (tar shards): ranks read distinct shards, and the resume is as exact."""
@@ -132,6 +135,7 @@ def test_usr1_to_one_rank_stops_both_at_one_step_and_the_resume_is_exact(request
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_sigterm_to_one_rank_checkpoints_on_both_without_a_requeue_and_resumes_exactly(ids_root, tmp_path,
                                                                                         tmp_path_factory, backend):
     _needs(backend)
@@ -158,15 +162,16 @@ class _SignalSelf(pl.Callback):
 
 
 def _one_process_fit(root, run_dir, requeue):
-    dm = ImageNetDataModule(root=str(root), backend="torchvision", on_gpu=False, batch_size=8, image_size=32,
-                            val_resize=32, num_workers=0, seed=0, filelist_cache=False)
+    dm = ImageNetDataModule(DataSpec(root=str(root), backend="torchvision", batch_size=8, image_size=32,
+                                     val_resize=32, num_workers=0, seed=0, filelist_cache=False), on_gpu=False)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, use_distributed_sampler=False, default_root_dir=str(run_dir),
                          callbacks=[RequeueOnSignal(run_dir, requeue=requeue), _SignalSelf()])
     before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
     with pytest.raises(Preempted) as stopped:
-        trainer.fit(Classifier(build_model("resnet20", 4), num_classes=4, batch_size=8, lr=0.1, momentum=0.9), dm)
+        trainer.fit(Classifier(build_model("resnet20", 4), num_classes=4, batch_size=8,
+                                optim=OptimSpec(lr=0.1, momentum=0.9)), dm)
     # Lightning's teardown put back this process's handlers.
     assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before
     return trainer, stopped.value

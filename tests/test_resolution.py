@@ -11,6 +11,7 @@ from data_pipelines.resolution import ResolutionSchedule
 from trainer.config import ConfigError, load_config
 from trainer.models import build_model
 from trainer.module import Classifier
+from trainer.specs import OptimSpec
 from tests.conftest import CPU_FIT, Interrupt, fit_until_interrupted, run_cli, skip_without_dali
 
 
@@ -80,6 +81,7 @@ def test_bad_size_values_name_the_key(overrides, key):
         load_config(["data.root=/x", *overrides])
 
 
+@pytest.mark.slow
 def test_a_bad_size_exits_2_at_start(tiny_root, tmp_path):
     proc = run_cli("fit", *CPU_FIT, f"data.root={tiny_root}", f"run.dir={tmp_path}/run", "data.val_image_size=64",
                    timeout=120)
@@ -117,6 +119,7 @@ def _fit(root, tmp_path, backend, record, ckpt_path=None):
 
 
 @pytest.mark.parametrize("backend", ["torchvision", "dali_cpu", "synthetic"])
+@pytest.mark.slow
 def test_progressive_resizing_gives_each_epoch_its_size_also_after_a_mid_ramp_resume(tiny_root, tmp_path, backend):
     """64 images, batch 16: 4 steps per epoch; sizes 16, 32, 64. The torchvision backend runs one
     persistent worker process, which must learn each epoch's size too. The run is interrupted
@@ -145,7 +148,7 @@ def test_progressive_resizing_gives_each_epoch_its_size_also_after_a_mid_ramp_re
 @pytest.mark.parametrize("tta_flip", [False, True])
 def test_tta_flip_validates_on_the_mean_of_the_logits_of_image_and_mirror(tta_flip):
     torch.manual_seed(0)
-    module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, lr=0.1, momentum=0.9,
+    module = Classifier(build_model("resnet20", 4), num_classes=4, batch_size=4, optim=OptimSpec(lr=0.1, momentum=0.9),
                         tta_flip=tta_flip).eval()
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     seen = []

@@ -10,6 +10,8 @@ import torch
 from data_pipelines import photos
 from tests.conftest import Interrupt, fit_until_interrupted, pack_with_cli, skip_without_dali
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def one_image_per_class(tmp_path_factory):

@@ -351,6 +351,7 @@ def test_reader_index_folders_without_a_lock_are_removed_only_when_long_untouche
     mine.cleanup()
 
 
+@pytest.mark.slow
 def test_check_data_on_a_pack_checks_every_shard_against_its_manifest(tiny_pack, tmp_path):
     import shutil
 

@@ -13,6 +13,7 @@ from torch import nn
 from trainer.cli import main
 from trainer.config import load_config
 from trainer.module import Classifier
+from trainer.specs import OptimSpec
 from trainer.study import STUDIES, read_curves, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -59,8 +60,8 @@ def test_cifar_recipe_is_the_papers_figure_6_setting():
     assert cfg.data.batch_size == 128 and cfg.data.image_size == 32
     assert cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 1e-4 and cfg.optim.label_smoothing == 0.0
     # optim.lr is per 256 images: the run's lr at batch 128 on one device is the paper's 0.1.
-    module = Classifier(nn.Linear(2, 2), num_classes=2, batch_size=cfg.data.batch_size, lr=cfg.optim.lr,
-                        momentum=cfg.optim.momentum)
+    module = Classifier(nn.Linear(2, 2), num_classes=2, batch_size=cfg.data.batch_size,
+                        optim=OptimSpec(lr=cfg.optim.lr, momentum=cfg.optim.momentum))
     assert module.peak_lr() == pytest.approx(0.1)
     assert STUDIES["degradation"]["degradation_cifar"] == ("plain20", "plain56", "resnet20", "resnet56")
 
@@ -184,6 +185,7 @@ def test_submit_sends_each_job_to_sbatch_and_says_how_to_plot(tmp_path, monkeypa
 # --- end to end ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_study_trains_each_net_alike_and_writes_a_real_png_and_the_logged_numbers(tiny_root, tmp_path, capfd):
     study = tmp_path / "study"
     # In this process (the nets train in child `fit` processes either way): one interpreter less to start.

@@ -139,6 +139,7 @@ def wandb_images(row: dict) -> set[str]:
     return {key for key in row if any(key.startswith(f"{name}.") for name in names)}
 
 
+@pytest.mark.slow
 def test_offline_run_holds_config_and_metrics_and_a_resumed_fit_continues_it(tiny_root, tmp_path, no_wandb_credentials):
     run_dir = tmp_path / "run"
     # 64 images / batch 8 = 8 steps; logging every 2 steps puts train rows at steps 1, 3, 5, 7.
@@ -189,6 +190,7 @@ def test_offline_run_holds_config_and_metrics_and_a_resumed_fit_continues_it(tin
     assert sorted(wandb_points(rows)["train/loss_step"]) == [9, 11, 13, 15]  # global steps continue
 
 
+@pytest.mark.slow
 def test_two_process_ddp_job_makes_exactly_one_run(tiny_root, tmp_path, no_wandb_credentials):
     run_dir = tmp_path / "ddp"
     proc = run_cli("fit", *CPU_FIT, f"data.root={tiny_root}", f"run.dir={run_dir}", "trainer.devices=2",
@@ -205,6 +207,7 @@ def test_two_process_ddp_job_makes_exactly_one_run(tiny_root, tmp_path, no_wandb
         assert row["perf/images_per_sec_total"] > row["perf/images_per_sec"] > 0
 
 
+@pytest.mark.slow
 def test_disabled_mode_trains_and_writes_no_wandb_files(tiny_root, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli("fit", *CPU_FIT, f"data.root={tiny_root}", f"run.dir={run_dir}", "data.batch_size=16",
@@ -214,6 +217,7 @@ def test_disabled_mode_trains_and_writes_no_wandb_files(tiny_root, tmp_path):
     assert "val/top1" in (run_dir / "metrics.csv").read_text()
 
 
+@pytest.mark.slow
 def test_training_without_wandb_installed_only_warns(tiny_root, tmp_path):
     shim = tmp_path / "shim"
     shim.mkdir()
@@ -239,6 +243,7 @@ def test_training_without_wandb_installed_only_warns(tiny_root, tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and "val/top1" in (run_dir / "metrics.csv").read_text()
 
 
+@pytest.mark.slow
 def test_unreachable_server_falls_back_to_an_offline_run(tmp_path, monkeypatch):
     """An API key, but nothing listens at the server's address: the logger still works, offline."""
     import wandb

@@ -4,7 +4,6 @@ model gets them."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -14,6 +13,8 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from data_pipelines import files
 
 
 class Throughput(pl.Callback):
@@ -254,20 +255,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        _fsync(tmp, os.O_RDONLY)  # else the rename may reach the disk before the data (ext4, XFS)
-        os.replace(tmp, path)
-        _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)  # the rename is an entry of the directory
-
-
-def _fsync(path: Path, flags: int) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        # fsync'ed, renamed over path, the folder fsync'ed (files.replace_atomic); a fixed
+        # temporary name: a killed job's leftover is overwritten by the next save, not kept.
+        with files.atomic_path(path, fsync=True) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
 class RestartResumedEpoch(pl.Callback):

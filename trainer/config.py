@@ -5,17 +5,23 @@ Order of precedence, lowest first: the dataclass defaults below, ``conf/config.y
 (OmegaConf dotlist). Everything merges into ``OmegaConf.structured(Config)`` in struct mode, so a
 misspelt key or a wrong type fails at start-up naming the key, never hours into a run.
 
-The config stops here and in ``cli.py``: every other module takes plain arguments.
+The config stops here and in ``cli.py``/``run.py``: every other module takes plain arguments or
+the specs built here once from the validated config (``optim_spec`` ... ``aug_spec``).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+from data_pipelines.resolution import ResolutionSchedule
+from data_pipelines.specs import AugSpec, DataSpec
+from trainer.specs import LossSpec, MixSpec, OptimSpec, ScheduleSpec
 
 BACKENDS = ("auto", "dali_gpu", "dali_cpu", "torchvision", "synthetic")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
@@ -76,7 +82,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # one of trainer.optim.OPTIMIZERS: sgd | lars | lamb (timm's) | adamw
+    name: str = "sgd"  # a key of trainer.optim.OPTIMIZERS: sgd | lars | lamb (timm's) | adamw
     # Per 256 images, for every optimiser; the run uses lr * effective batch / 256, where the
     # effective batch is data.batch_size x world size x trainer.accumulate_grad_batches.
     lr: float = 0.256
@@ -88,7 +94,7 @@ class OptimConfig:
     weight_decay: float = 3.0517578125e-05  # never on BatchNorm parameters or biases
     label_smoothing: float = 0.1
     warmup_epochs: float = 8.0  # linear warmup, then the schedule, stepped per iteration
-    # One of trainer.schedules.SCHEDULES: cosine to zero | linear to zero (FFCV) | step (x gamma at
+    # A key of trainer.schedules.SCHEDULES: cosine to zero | linear to zero (FFCV) | step (x gamma at
     # each of milestones) | poly: (1 - progress) ** poly_power to zero (MLPerf's LARS).
     schedule: str = "cosine"
     milestones: list[float] = field(default_factory=lambda: [30.0, 60.0, 80.0])  # schedule=step: epochs
@@ -133,7 +139,7 @@ class RunConfig:
     # such a resume is an error.
     allow_resume_change: bool = False
     keep_hpc_checkpoints: Optional[int] = 2  # newest preemption checkpoints (hpc_ckpt_N) kept; None: all
-    # Debugging: append every trained batch's labels, per rank, to PATH.rank<R>.jsonl (see README).
+    # Debugging: append every trained batch's labels, per rank, to PATH.rank<R>.jsonl (see docs/training.md).
     record_samples: Optional[str] = None
 
 
@@ -332,7 +338,7 @@ def validate(cfg: DictConfig) -> None:
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, cfg)) from None
 
-    def choice(key: str, allowed: tuple[str, ...] | list[str]) -> None:
+    def choice(key: str, allowed: Collection[str]) -> None:  # a tuple, or a name -> builder table
         value = OmegaConf.select(cfg, key)
         if str(value) not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
@@ -504,3 +510,55 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def to_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
+
+
+# --- the specs: the validated config as the plain frozen dataclasses the code takes ---------------
+
+
+def _spec(cls: type, section: DictConfig, **keys: str):
+    """``cls`` from ``section``'s keys of the same names as its fields (``keys``: field -> another
+    key); lists become tuples (the specs are frozen)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = section[keys.get(f.name, f.name)]
+        values[f.name] = tuple(value) if isinstance(value, ListConfig) else value
+    return cls(**values)
+
+
+def optim_spec(cfg: DictConfig) -> OptimSpec:
+    return _spec(OptimSpec, cfg.optim)
+
+
+def schedule_spec(cfg: DictConfig) -> ScheduleSpec:
+    return _spec(ScheduleSpec, cfg.optim, name="schedule")
+
+
+def loss_spec(cfg: DictConfig) -> LossSpec:
+    return LossSpec(name=cfg.loss.name, label_smoothing=cfg.optim.label_smoothing)
+
+
+def mix_spec(cfg: DictConfig) -> MixSpec:
+    return _spec(MixSpec, cfg.aug)
+
+
+def aug_spec(cfg: DictConfig) -> AugSpec:
+    return _spec(AugSpec, cfg.aug)
+
+
+def resolution_schedule(p: DictConfig) -> ResolutionSchedule | None:
+    """``data.progressive`` as a schedule; None when its keys are unset (validate() has checked
+    that all four are set or none)."""
+    if p.start_size is None:
+        return None
+    return ResolutionSchedule(start_size=p.start_size, end_size=p.end_size, start_epoch=p.start_epoch,
+                              end_epoch=p.end_epoch, step=p.step)
+
+
+def data_spec(cfg: DictConfig) -> DataSpec:
+    """The data section (``data.root`` required unless the backend is synthetic), with the run's
+    seed, the model's class count (for synthetic data) and the progressive-resizing schedule."""
+    d = cfg.data
+    root = None if d.backend == "synthetic" else require_data_root(cfg)
+    plain = {f.name for f in dataclasses.fields(DataSpec)} - {"root", "seed", "num_classes", "resolution"}
+    return DataSpec(root=root, seed=cfg.seed, num_classes=cfg.model.num_classes,
+                    resolution=resolution_schedule(d.progressive), **{k: d[k] for k in sorted(plain)})

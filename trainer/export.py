@@ -23,13 +23,12 @@ import contextlib
 import io
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from data_pipelines import IMAGENET_MEAN, IMAGENET_STD
+from data_pipelines import IMAGENET_MEAN, IMAGENET_STD, files
 
 FORMATS = ("torchvision", "safetensors", "onnx")
 SUFFIXES = {"torchvision": ".pt", "safetensors": ".safetensors", "onnx": ".onnx"}
@@ -165,15 +164,14 @@ def preprocessing(resize: int, crop: int) -> dict[str, Any]:
 
 
 def _atomic(out: Path, write) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    write(tmp)
-    os.replace(tmp, out)
+    """``write(tmp)`` makes the file, renamed over ``out`` (files.atomic_path)."""
+    with files.atomic_path(out, fsync=False) as tmp:
+        write(tmp)
 
 
 def _write_sidecar(out: Path, meta: dict) -> Path:
     side = sidecar_path(out)
-    _atomic(side, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    files.write_atomic(side, json.dumps(meta, indent=2) + "\n", fsync=False)
     return side
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-LOSSES = ("ce", "bce")
-
 
 class CrossEntropy(nn.CrossEntropyLoss):
     """Softmax cross-entropy; soft targets are cast to the logits' dtype (torch requires one dtype)."""
@@ -45,10 +43,13 @@ class BinaryCrossEntropy(nn.Module):
         return self.bce(logits, target)
 
 
+# name -> the loss' class, built as ``cls(label_smoothing)``. A new loss is one entry here (its
+# state_dict must stay empty: checkpoints hold none); validation reads the names from here.
+LOSSES: dict[str, type[nn.Module]] = {"ce": CrossEntropy, "bce": BinaryCrossEntropy}
+
+
 def build_loss(name: str, label_smoothing: float = 0.0) -> nn.Module:
     """The loss called ``name`` (see ``LOSSES``): ``loss(logits, target)``, a scalar mean over the batch."""
-    if name == "ce":
-        return CrossEntropy(label_smoothing=label_smoothing)
-    if name == "bce":
-        return BinaryCrossEntropy(label_smoothing)
-    raise ValueError(f"loss.name={name!r} is unknown; choose one of: {', '.join(LOSSES)}")
+    if name not in LOSSES:
+        raise ValueError(f"loss.name={name!r} is unknown; choose one of: {', '.join(LOSSES)}")
+    return LOSSES[name](label_smoothing=label_smoothing)

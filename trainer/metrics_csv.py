@@ -9,11 +9,12 @@ record that always exists: W&B may be off, or offline on a cluster without inter
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+from data_pipelines import files
 
 
 class RunCSVLogger(CSVLogger):
@@ -52,12 +53,11 @@ class _KeepingWriter(ExperimentWriter):
             reader = csv.DictReader(file)
             header = list(reader.fieldnames or [])
             rows = [row for row in reader if _step(row) is not None and _step(row) < self._resume_step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("w", newline="") as file:
+        # A crash here leaves the old file or the trimmed one, never half of it.
+        with files.atomic_path(path, fsync=False) as tmp, tmp.open("w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=header)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)  # a crash here leaves the old file or the trimmed one, never half of it
         # Lightning's writer appends under its known keys and rewrites the file when new ones come.
         self.metrics_keys = sorted(header)
 

@@ -17,8 +17,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from trainer import schedules
 from trainer.losses import build_loss
 from trainer.mixing import build_mixing
-from trainer.optim import build_optimizer
+from trainer.optim import build_optimizer, optimizer_entry
 from trainer.schedules import warmup_cosine  # noqa: F401 - importable from here, as before schedules.py
+from trainer.specs import LossSpec, MixSpec, OptimSpec, ScheduleSpec, as_plain
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -76,14 +77,14 @@ def clips_under_amp(trainer: pl.Trainer) -> bool:
 
 
 class Classifier(pl.LightningModule):
-    """Image classification: a loss (``loss``: ce or bce), an optimiser (``optimizer``: sgd, lars,
-    lamb or adamw) and a per-iteration lr schedule (``schedule``) after a linear warmup. The
-    defaults are cross-entropy, SGD and warmup + cosine, as before these choices existed: older
-    checkpoints rebuild unchanged.
+    """Image classification: a loss (``loss``: ce or bce), an optimiser (``optim``: sgd, lars, lamb or
+    adamw) and a per-iteration lr schedule (``schedule``) after a linear warmup, each a spec
+    (trainer/specs.py). The defaults are cross-entropy and warmup + cosine, as before these choices
+    existed.
 
     ``config`` (the resolved run config, a plain dict) and ``classes`` (class names in index
     order) are saved in every checkpoint, so a checkpoint is enough to rebuild, validate and
-    export the model.
+    export the model; the specs are saved beside them as plain dicts.
     """
 
     def __init__(
@@ -92,43 +93,41 @@ class Classifier(pl.LightningModule):
         *,
         num_classes: int,
         batch_size: int,
-        lr: float,
-        momentum: float,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
-        label_smoothing: float = 0.0,
-        warmup_epochs: float = 0.0,
+        optim: OptimSpec,
+        schedule: ScheduleSpec = ScheduleSpec(),
+        loss: LossSpec = LossSpec(),
+        mixing: MixSpec = MixSpec(),
         channels_last: bool = False,
+        tta_flip: bool = False,
         config: dict | None = None,
         classes: list[str] | None = None,
-        optimizer: str = "sgd",
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float | None = None,
-        trust_coeff: float = 0.001,
-        schedule: str = "cosine",
-        milestones: tuple[float, ...] = (30.0, 60.0, 80.0),
-        gamma: float = 0.1,
-        poly_power: float = 2.0,
-        peak_epoch: float | None = None,
-        loss: str = "ce",
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        tta_flip: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        # Plain dicts, not the spec objects: checkpoints are read with torch.load(weights_only=True).
+        self.save_hyperparameters(dict(
+            num_classes=num_classes, batch_size=batch_size, channels_last=channels_last, tta_flip=tta_flip,
+            config=config, classes=classes, optim=as_plain(optim), schedule=as_plain(schedule),
+            loss=as_plain(loss), mixing=as_plain(mixing),
+        ))
         self.model = model
+        self.optim_spec, self.schedule_spec = optim, schedule
         # Takes class indices or soft [N, C] targets (mixed labels) alike.
-        self.criterion = build_loss(loss, label_smoothing)
+        self.criterion = build_loss(loss.name, loss.label_smoothing)
         # MixUp/CutMix of each training batch on its device (None: off); no parameters or buffers.
-        self.mixing = build_mixing(num_classes, mixup_alpha, cutmix_alpha)
+        self.mixing = build_mixing(num_classes, mixing.mixup_alpha, mixing.cutmix_alpha)
         self.tta_flip = tta_flip
-        top5 = min(5, num_classes)
+        self._add_metrics(num_classes)
+        self._steps_per_epoch: float | None = None  # optimiser steps per epoch, set with the schedule
+        self._resumed_steps_per_epoch: float | None = None  # the resumed checkpoint's
+        self._restart_epoch = False
+
+    def _add_metrics(self, num_classes: int) -> None:
+        """The training and validation metrics (module attributes, so Lightning moves and syncs them)."""
         # validate_args=False: the label-range check runs torch.unique, a host sync on a GPU, every
         # training step; the validation metrics below keep it.
         self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         # The epoch's mean training loss over every rank's images (the metric syncs its sum and
         # count across ranks once, at the epoch's end); a value logged with on_epoch would be this
         # rank's mean only. No NaN check: it reads a value back (a GPU sync) every step.
@@ -137,9 +136,6 @@ class Classifier(pl.LightningModule):
         # nan_strategy="disable": the default NaN check reads a value back (a GPU sync) every step,
         # and a count cannot be NaN.
         self.val_images = SumMetric(nan_strategy="disable")
-        self._steps_per_epoch: float | None = None  # optimiser steps per epoch, set with the schedule
-        self._resumed_steps_per_epoch: float | None = None  # the resumed checkpoint's
-        self._restart_epoch = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -248,39 +244,34 @@ class Classifier(pl.LightningModule):
         effective_batch = self.hparams.batch_size
         if self._trainer is not None:
             effective_batch *= self.trainer.world_size * self.trainer.accumulate_grad_batches
-        return self.hparams.lr * effective_batch / 256
+        return self.optim_spec.lr * effective_batch / 256
 
     def configure_optimizers(self):
-        hp = self.hparams
-        # Lightning has moved the model to its device before it calls this hook. The fused/foreach
-        # choice is torch's (sgd, adamw); timm's lars and lamb pick foreach themselves.
-        torch_impl = hp.optimizer in ("sgd", "adamw")
-        impl = {}
-        if torch_impl:
-            impl = sgd_implementation(self.model.parameters(), clip_under_amp=clips_under_amp(self.trainer))
-        optimizer = build_optimizer(
-            hp.optimizer,
-            param_groups(self.model, hp.weight_decay),
-            lr=self.peak_lr(),
-            momentum=hp.momentum,
-            nesterov=hp.nesterov,
-            betas=tuple(hp.betas),
-            eps=hp.eps,
-            trust_coeff=hp.trust_coeff,
-            impl=impl,
-        )
-        if torch_impl:
-            keep_implementation(optimizer, impl)
+        optimizer = self._build_optimizer()
         # Optimiser steps: Lightning divides the batches by accumulate_grad_batches.
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs)
         self._steps_per_epoch = steps_per_epoch
-        warmup_epochs = hp.warmup_epochs
-        if hp.schedule == "linear" and hp.get("peak_epoch") is not None:  # absent from older checkpoints
-            warmup_epochs = max(warmup_epochs, hp.peak_epoch)  # one ramp from zero up to the peak (FFCV's)
+        sched = self.schedule_spec
+        warmup_epochs = sched.warmup_epochs
+        if sched.name == "linear" and sched.peak_epoch is not None:
+            warmup_epochs = max(warmup_epochs, sched.peak_epoch)  # one ramp from zero up to the peak (FFCV's)
         warmup_steps = int(round(warmup_epochs * steps_per_epoch))
-        multiplier = schedules.schedule(hp.schedule, warmup_steps=warmup_steps, total_steps=total_steps,
-                                        milestones=[int(round(m * steps_per_epoch)) for m in hp.milestones],
-                                        gamma=hp.gamma, power=hp.poly_power)
+        multiplier = schedules.schedule(sched.name, warmup_steps=warmup_steps, total_steps=total_steps,
+                                        milestones=[int(round(m * steps_per_epoch)) for m in sched.milestones],
+                                        gamma=sched.gamma, power=sched.poly_power)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """``optim_spec``'s optimiser at the peak lr; torch's ones fused or foreach (``sgd_implementation``).
+        Lightning has moved the model to its device before it calls ``configure_optimizers``."""
+        spec = self.optim_spec
+        torch_impl = optimizer_entry(spec.name).torch_impl
+        impl = {}
+        if torch_impl:
+            impl = sgd_implementation(self.model.parameters(), clip_under_amp=clips_under_amp(self.trainer))
+        optimizer = build_optimizer(spec, param_groups(self.model, spec.weight_decay), lr=self.peak_lr(), impl=impl)
+        if torch_impl:
+            keep_implementation(optimizer, impl)
+        return optimizer

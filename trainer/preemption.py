@@ -28,17 +28,18 @@ for the next training step.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import signal
 import subprocess
 import threading
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+
+from data_pipelines.launch import requeue_command  # noqa: F401  (the job's requeue: the launch layer's)
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +61,6 @@ def listen(signums: Sequence[int] = (signal.SIGUSR1,)) -> None:
     for signum in signums:
         if signal.getsignal(signum) is not _on_signal:
             signal.signal(signum, _on_signal)
-
-
-def requeue_command(environ: Mapping[str, str] | None = None) -> list[str]:
-    """``scontrol requeue`` for this job (an array job's own task, not the whole array)."""
-    env = os.environ if environ is None else environ
-    array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
-    job = f"{array_job}_{array_task}" if array_job and array_task else env["SLURM_JOB_ID"]
-    if not re.fullmatch(r"[0-9_]+", job):
-        raise ValueError(f"unexpected SLURM job id {job!r}")
-    return ["scontrol", "requeue", job]
 
 
 def hpc_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

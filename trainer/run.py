@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -19,13 +18,12 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
 from data_pipelines.datamodule import ImageNetDataModule
-from data_pipelines.resolution import ResolutionSchedule
 from trainer import preemption, slurm
 from trainer.callbacks import (AtomicCheckpointIO, BestAndLastCheckpoint, PlainProgress, ProgressBar,
                                RecordSamples, ReleaseValidationPipelines, RestartResumedEpoch, SampleGrid,
                                Throughput)
-from trainer.config import (ConfigError, apply_overrides, from_saved, require_data_root, require_init_from, to_dict,
-                            to_yaml, validate)
+from trainer.config import (ConfigError, apply_overrides, aug_spec, data_spec, from_saved, loss_spec, mix_spec,
+                            optim_spec, require_init_from, schedule_spec, to_dict, to_yaml, validate)
 from trainer.export import checkpoint_weights
 from trainer.finetune import HEAD, freeze_backbone, load_weights, read_weights
 from trainer.models import build_model
@@ -61,40 +59,8 @@ def use_fast_gpu_math(deterministic: bool) -> None:
 
 
 def build_datamodule(cfg: DictConfig) -> ImageNetDataModule:
-    d = cfg.data
-    root = None if d.backend == "synthetic" else require_data_root(cfg)
-    return ImageNetDataModule(
-        root=root,
-        backend=d.backend,
-        on_gpu=wants_gpu(cfg),
-        batch_size=d.batch_size,
-        image_size=d.image_size,
-        val_resize=d.val_resize,
-        num_workers=d.num_workers,
-        seed=cfg.seed,
-        filelist_cache=d.filelist_cache,
-        stage_to=d.stage_to,
-        synthetic_size=d.synthetic_size,
-        num_classes=cfg.model.num_classes,
-        gpu_dtype=input_dtype(cfg.trainer.precision),
-        channels_last=cfg.model.channels_last,
-        val_image_size=d.val_image_size,
-        resolution=resolution_schedule(d.progressive),
-        auto_augment=cfg.aug.auto_augment,
-        random_erasing=cfg.aug.random_erasing,
-        repeated_augment=cfg.aug.repeated_augment,
-        crop=cfg.aug.crop,
-        crop_padding=cfg.aug.crop_padding,
-    )
-
-
-def resolution_schedule(p: DictConfig) -> ResolutionSchedule | None:
-    """``data.progressive`` as a schedule; None when its keys are unset (validate() has checked
-    that all four are set or none)."""
-    if p.start_size is None:
-        return None
-    return ResolutionSchedule(start_size=p.start_size, end_size=p.end_size, start_epoch=p.start_epoch,
-                              end_epoch=p.end_epoch, step=p.step)
+    return ImageNetDataModule(data_spec(cfg), aug_spec(cfg), on_gpu=wants_gpu(cfg),
+                              gpu_dtype=input_dtype(cfg.trainer.precision), channels_last=cfg.model.channels_last)
 
 
 def build_module(cfg: DictConfig, classes: list[str], *, load_init_from: bool = True) -> Classifier:
@@ -106,7 +72,7 @@ def build_module(cfg: DictConfig, classes: list[str], *, load_init_from: bool = 
             f"model.num_classes={num_classes} is smaller than the {len(classes)} classes found in the data; "
             f"leave it unset (null) to take the data's count"
         )
-    m, o = cfg.model, cfg.optim
+    m = cfg.model
     model = build_model(m.arch, num_classes, zero_init_residual=m.zero_init_residual, channels_last=m.channels_last,
                         blurpool=m.blurpool)
     init_from = require_init_from(cfg) if load_init_from else None
@@ -121,31 +87,9 @@ def build_module(cfg: DictConfig, classes: list[str], *, load_init_from: bool = 
     resolved = to_dict(cfg)
     resolved["model"]["num_classes"] = num_classes
     return Classifier(
-        model,
-        num_classes=num_classes,
-        batch_size=cfg.data.batch_size,
-        lr=o.lr,
-        momentum=o.momentum,
-        nesterov=o.nesterov,
-        weight_decay=o.weight_decay,
-        label_smoothing=o.label_smoothing,
-        warmup_epochs=o.warmup_epochs,
-        channels_last=m.channels_last,
-        config=resolved,
-        classes=list(classes),
-        optimizer=o.name,
-        betas=list(o.betas),
-        eps=o.eps,
-        trust_coeff=o.trust_coeff,
-        schedule=o.schedule,
-        milestones=list(o.milestones),
-        gamma=o.gamma,
-        poly_power=o.poly_power,
-        peak_epoch=o.peak_epoch,
-        loss=cfg.loss.name,
-        mixup_alpha=cfg.aug.mixup_alpha,
-        cutmix_alpha=cfg.aug.cutmix_alpha,
-        tta_flip=cfg.eval.tta_flip,
+        model, num_classes=num_classes, batch_size=cfg.data.batch_size, optim=optim_spec(cfg),
+        schedule=schedule_spec(cfg), loss=loss_spec(cfg), mixing=mix_spec(cfg), channels_last=m.channels_last,
+        tta_flip=cfg.eval.tta_flip, config=resolved, classes=list(classes),
     )
 
 
@@ -223,8 +167,10 @@ def _plugins(alloc: slurm.Allocation | None) -> list:
 def _signal_handling(cfg: DictConfig, run_dir: Path, alloc: slurm.Allocation | None) -> pl.Callback:
     """Records SIGUSR1 from now on, and returns the callback that checkpoints on it at a step every
     rank agrees on, requeueing the job when inside a SLURM allocation."""
+    from data_pipelines.launch import requeue_command
+
     preemption.listen()  # from now: SIGUSR1's default action would end the process
-    requeue = preemption.requeue_command() if alloc is not None else None
+    requeue = requeue_command() if alloc is not None else None
     return preemption.RequeueOnSignal(run_dir, requeue=requeue, keep=cfg.run.keep_hpc_checkpoints)
 
 
@@ -313,10 +259,9 @@ def _wandb_logger(cfg: DictConfig, run_dir: Path):
 
 @rank_zero_only
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from data_pipelines.files import write_atomic
+
+    write_atomic(path, text, fsync=False)
 
 
 def _metrics(trainer: pl.Trainer) -> dict:

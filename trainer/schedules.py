@@ -10,8 +10,6 @@ import bisect
 import math
 from typing import Callable, Sequence
 
-SCHEDULES = ("cosine", "linear", "step", "poly")
-
 
 def _warmup(step: int, warmup_steps: int) -> float:
     """Linear from 1/warmup_steps at step 0 to 1.0 at step ``warmup_steps - 1``."""
@@ -65,6 +63,30 @@ def warmup_poly(step: int, *, warmup_steps: int, total_steps: int, power: float)
     return (1.0 - _progress(step, warmup_steps, total_steps)) ** power
 
 
+def _cosine(warmup_steps: int, total_steps: int, milestones: Sequence[int], gamma: float, power: float):
+    return lambda step: warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps)
+
+
+def _linear(warmup_steps: int, total_steps: int, milestones: Sequence[int], gamma: float, power: float):
+    return lambda step: warmup_linear(step, warmup_steps=warmup_steps, total_steps=total_steps)
+
+
+def _step(warmup_steps: int, total_steps: int, milestones: Sequence[int], gamma: float, power: float):
+    steps = sorted(milestones)
+    return lambda step: warmup_step(step, warmup_steps=warmup_steps, milestones=steps, gamma=gamma)
+
+
+def _poly(warmup_steps: int, total_steps: int, milestones: Sequence[int], gamma: float, power: float):
+    return lambda step: warmup_poly(step, warmup_steps=warmup_steps, total_steps=total_steps, power=power)
+
+
+# name -> builder(warmup_steps, total_steps, milestones (steps), gamma, power) of the multiplier.
+# A new schedule is one entry here plus its config fields; validation reads the names from here.
+SCHEDULES: dict[str, Callable[..., Callable[[int], float]]] = {
+    "cosine": _cosine, "linear": _linear, "step": _step, "poly": _poly,
+}
+
+
 def schedule(name: str, *, warmup_steps: int, total_steps: int, milestones: Sequence[int] = (),
              gamma: float = 0.1, power: float = 2.0) -> Callable[[int], float]:
     """The multiplier function ``step -> float`` of the schedule called ``name`` (see ``SCHEDULES``).
@@ -72,13 +94,6 @@ def schedule(name: str, *, warmup_steps: int, total_steps: int, milestones: Sequ
     A closure, not a callable object: ``LambdaLR`` then keeps it out of the checkpoint, and a resume
     uses this run's schedule.
     """
-    if name == "cosine":
-        return lambda step: warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps)
-    if name == "linear":
-        return lambda step: warmup_linear(step, warmup_steps=warmup_steps, total_steps=total_steps)
-    if name == "step":
-        steps = sorted(milestones)
-        return lambda step: warmup_step(step, warmup_steps=warmup_steps, milestones=steps, gamma=gamma)
-    if name == "poly":
-        return lambda step: warmup_poly(step, warmup_steps=warmup_steps, total_steps=total_steps, power=power)
-    raise ValueError(f"optim.schedule={name!r} is unknown; choose one of: {', '.join(SCHEDULES)}")
+    if name not in SCHEDULES:
+        raise ValueError(f"optim.schedule={name!r} is unknown; choose one of: {', '.join(SCHEDULES)}")
+    return SCHEDULES[name](warmup_steps, total_steps, milestones, gamma, power)

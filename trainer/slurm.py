@@ -1,8 +1,10 @@
-"""SLURM: reading the allocation from the environment, and rendering/submitting sbatch jobs.
+"""SLURM: rendering and submitting sbatch jobs.
 
-Under ``srun`` the node count and the tasks (= devices) per node are SLURM's, never typed twice:
-``trainer.devices=auto`` and ``trainer.num_nodes=null`` take them, and any other value must match
-them or the job stops at once naming both numbers (instead of hanging in DDP's rendezvous).
+Reading the allocation from the environment lives in the launch layer
+(:mod:`data_pipelines.launch`, re-exported here): under ``srun`` the node count and the tasks
+(= devices) per node are SLURM's, never typed twice: ``trainer.devices=auto`` and
+``trainer.num_nodes=null`` take them, and any other value must match them or the job stops at once
+naming both numbers (instead of hanging in DDP's rendezvous).
 """
 from __future__ import annotations
 
@@ -14,61 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-
-class SlurmConfigError(ValueError):
-    """The config contradicts the SLURM allocation."""
-
-
-@dataclass(frozen=True)
-class Allocation:
-    job_id: str
-    num_nodes: int
-    tasks_per_node: int
-    restart_count: int
-
-
-def _tasks_per_node(value: str) -> int:
-    """``SLURM_TASKS_PER_NODE`` is like ``2(x3),1``; every node must run the same number."""
-    counts = {int(m.group(1)) for m in re.finditer(r"(\d+)(?:\(x\d+\))?", value)}
-    if len(counts) != 1:
-        raise SlurmConfigError(
-            f"SLURM gives nodes different task counts (SLURM_TASKS_PER_NODE={value}); "
-            f"submit with --ntasks-per-node=<GPUs per node> so every node runs the same number of ranks"
-        )
-    return counts.pop()
-
-
-def allocation(environ: dict | None = None) -> Allocation | None:
-    """The allocation of the current ``srun`` step, or None when not running under ``srun``."""
-    env = os.environ if environ is None else environ
-    if "SLURM_JOB_ID" not in env or "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env:
-        return None  # not inside an srun step: a login node, salloc shell or the batch script
-    tasks = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
-    nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or "1"
-    return Allocation(
-        job_id=env["SLURM_JOB_ID"],
-        num_nodes=int(nodes),
-        tasks_per_node=_tasks_per_node(tasks),
-        restart_count=int(env.get("SLURM_RESTART_COUNT", "0") or 0),
-    )
-
-
-def resolve_devices(devices, num_nodes: int | None, alloc: Allocation | None) -> tuple[object, int]:
-    """(devices per node, node count) for the Trainer, checked against the allocation."""
-    if alloc is None:
-        return devices, num_nodes or 1
-    if devices != "auto" and int(devices) != alloc.tasks_per_node:
-        raise SlurmConfigError(
-            f"trainer.devices={devices} contradicts the SLURM allocation of {alloc.tasks_per_node} task(s) per node "
-            f"(job {alloc.job_id}); one task drives one device: leave trainer.devices=auto, or submit with "
-            f"--ntasks-per-node={devices}"
-        )
-    if num_nodes is not None and num_nodes != alloc.num_nodes:
-        raise SlurmConfigError(
-            f"trainer.num_nodes={num_nodes} contradicts the SLURM allocation of {alloc.num_nodes} node(s) "
-            f"(job {alloc.job_id}); leave trainer.num_nodes unset, or submit with --nodes={num_nodes}"
-        )
-    return alloc.tasks_per_node, alloc.num_nodes
+from data_pipelines.launch import Allocation, SlurmConfigError, allocation, resolve_devices  # noqa: F401
 
 
 # --- sbatch rendering and submission ---------------------------------------------------------

@@ -31,6 +31,8 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.loggers.logger import DummyExperiment, rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
+from data_pipelines import files, launch
+
 log = logging.getLogger("imagenet_trainer")
 
 MODES = ("online", "offline", "disabled")
@@ -92,9 +94,7 @@ def resolve_mode(configured: str, environ: Mapping[str, str], netrc_path: Option
 
 def default_group(group: Optional[str], environ: Mapping[str, str]) -> Optional[str]:
     """``group`` if set, else the SLURM job id (the array's id for an array job), else None."""
-    if group:
-        return group
-    return environ.get("SLURM_ARRAY_JOB_ID") or environ.get("SLURM_JOB_ID") or None
+    return group or launch.job_group(environ)
 
 
 def read_run_id(run_dir: str | Path) -> Optional[str]:
@@ -108,11 +108,7 @@ def read_run_id(run_dir: str | Path) -> Optional[str]:
 
 
 def _write_run_id(run_dir: Path, run_id: str) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RUN_ID_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, path)
+    files.write_atomic(run_dir / RUN_ID_FILE, run_id + "\n", fsync=False)
 
 
 class TrainerWandbLogger(WandbLogger):

@@ -14,7 +14,7 @@ import torch
 
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 CPU_JOB = ["--gpus-per-node", "0", "--cpus-per-task", "2", "--time", "00:10:00", "--partition", "debug"]
 
@@ -56,7 +56,7 @@ def test_submit_trains_with_every_rank_and_validates_exactly(slurm_cluster, tiny
 
 
 def test_plain_sbatch_of_the_shipped_script_works(slurm_cluster, tiny_root, tmp_path):
-    """`sbatch slurm/train.sbatch OVERRIDES` as the README shows, with the (fake) GPUs of the
+    """`sbatch slurm/train.sbatch OVERRIDES` as docs/clusters.md shows, with the (fake) GPUs of the
     test nodes allocated: SLURM sets CUDA_VISIBLE_DEVICES, the job trains on the CPU."""
     run_dir = tmp_path / "run"
     env = {**slurm_cluster.env, "IMAGENET_TRAINER_PYTHON": sys.executable}
