@@ -12,6 +12,7 @@ import csv
 from pathlib import Path
 
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 from data_pipelines import files
@@ -28,6 +29,7 @@ class RunCSVLogger(CSVLogger):
         self._resume_step = resume_step
 
     @property
+    @rank_zero_experiment  # as Lightning's: other ranks get a no-op and never touch the file
     def experiment(self):
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
