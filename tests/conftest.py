@@ -146,3 +146,24 @@ CPU_FIT = [
     "data.num_workers=0",
     "trainer.accelerator=cpu",
 ]
+
+
+class VirtualClock:
+    """Stands in for a module's ``time`` (filelist's, staging's) in tests of waits: ``sleep`` only
+    moves ``monotonic`` on, so a wait of any length takes no real time, and no load on the machine
+    can stretch it or cut it short."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    @staticmethod
+    def time() -> float:
+        import time
+
+        return time.time()  # the wall-clock stamps of notes and markers stay real

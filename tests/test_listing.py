@@ -16,6 +16,7 @@ import pytest
 from data_pipelines import filelist, layout
 from data_pipelines.filelist import LaunchPosition, ListingTimeout
 from data_pipelines.sample import make_sample_tree
+from tests.conftest import VirtualClock
 
 REPO = Path(__file__).resolve().parent.parent
 WAITER = LaunchPosition(first_in_job=False, first_on_node=False, described="rank 3")
@@ -50,22 +51,6 @@ while not (out / "go").exists():
 train, val = dm.splits
 (out / f"lists-{me}.json").write_text(json.dumps([train.files, train.labels, val.files, val.labels]))
 """
-
-
-class VirtualClock:
-    """Stands in for filelist's ``time`` module: ``sleep`` only moves ``monotonic`` on, so a wait of
-    any length takes no real time, and no load on the machine can stretch it or cut it short."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-    time = staticmethod(time.time)  # the wall-clock stamps of notes stay real
 
 
 def _age(root: Path, seconds: float = 60.0) -> None:

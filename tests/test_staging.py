@@ -11,34 +11,18 @@ import logging
 import multiprocessing
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from data_pipelines import shards, staging
+from tests.conftest import VirtualClock
 
 SHARDS = {"train": 4, "val": 2}
 # How long a waiter process waits for its copier: a guard against a copier that never comes, not
 # a measure of anything (the copies are a few MB; a loaded machine must not make it fire).
 GUARD = 300.0
-
-
-class VirtualClock:
-    """Stands in for staging's ``time`` module: ``sleep`` only moves ``monotonic`` on, so a wait of
-    any length takes no real time, and no load on the machine can stretch it or cut it short."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-    time = staticmethod(time.time)  # the wall-clock stamps of markers stay real
 
 
 # -- a fake pack: staging only copies bytes ------------------------------------------------------
