@@ -83,7 +83,7 @@ def test_devices_contradicting_the_allocation_fails_at_once_naming_both(slurm_cl
     # srun ended the step (a hang would end in the time limit or a kill, whatever the machine's
     # speed). The other rank exits 2 as well or is terminated by srun first, as the race goes: the
     # job's own exit code is either.
-    assert re.search(r"task \d+: Exited with exit code 2", logs), logs[-4000:]
+    assert re.search(r"tasks? [0-9,-]+: Exited with exit code 2", logs), logs[-4000:]  # "task 0" or "tasks 0-1"
     job = slurm_cluster.show_job(job_id)
     assert job["JobState"] == "FAILED", job
 
