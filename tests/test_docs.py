@@ -494,6 +494,13 @@ def test_the_checks_pass_good_snippets():
     assert verbs_shown([GOOD]) == {"fit", "study", "submit", "plot"}
 
 
+def _assert_exactly(problems: list[str], expected: list[tuple[str, str]]) -> None:
+    """Each (file:line prefix, text) of ``expected`` is among ``problems``, and nothing else is."""
+    for where, what in expected:
+        assert any(p.startswith(where) and what in p for p in problems), (where, what, problems)
+    assert len(problems) == len(expected), problems
+
+
 def test_command_check_fails_on_unknown_verbs_and_flags():
     problems = command_problems("bad.md", BAD)
     expected = [
@@ -503,9 +510,7 @@ def test_command_check_fails_on_unknown_verbs_and_flags():
         ("bad.md:9:", "`--bogus` is not a flag of `imagenet-trainer study degradation`"),
         ("bad.md:16:", "`--top-k` is not a flag of `imagenet-trainer predict`"),
     ]
-    for where, what in expected:
-        assert any(p.startswith(where) and what in p for p in problems), (where, what, problems)
-    assert len(problems) == len(expected), problems
+    _assert_exactly(problems, expected)
 
 
 def test_key_check_fails_on_unknown_keys_and_recipes():
@@ -519,9 +524,7 @@ def test_key_check_fails_on_unknown_keys_and_recipes():
         ("bad.md:15:", "`logger.wandb.modes` is not a config key"),
         ("bad.md:15:", "`data.progressive.end_sizes` is not a config key"),
     ]
-    for where, what in expected:
-        assert any(p.startswith(where) and what in p for p in problems), (where, what, problems)
-    assert len(problems) == len(expected), problems  # an override is reported once, not again as a name
+    _assert_exactly(problems, expected)  # an override is reported once, not again as a name
     assert any("under `data.progressive` there are: " in p and "data.progressive.start_size" in p for p in problems)
 
 
