@@ -13,13 +13,14 @@ setup(
     python_requires=">=3.10",
     # conf/ is installed as the package trainer.conf, so an installed CLI finds its YAML anywhere.
     # slurm/ likewise as trainer.slurm_scripts, for `imagenet-trainer submit`.
-    packages=["trainer", "data_pipelines", "trainer.conf", "trainer.slurm_scripts"],
+    packages=["trainer", "trainer.recipe", "trainer.cluster", "trainer.artifacts", "data_pipelines",
+              "trainer.conf", "trainer.slurm_scripts"],
     package_dir={"trainer.conf": "conf", "trainer.slurm_scripts": "slurm"},
     package_data={"trainer.conf": ["*.yaml", "experiment/*.yaml"], "trainer.slurm_scripts": ["*.sbatch", "*.md"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",
-        # <2.7: trainer/preemption.py and datamodule.py use Lightning internals that
+        # <2.7: trainer/cluster/preemption.py and datamodule.py use Lightning internals that
         # tests/test_library_internals.py checks; widen once they pass on a newer minor.
         "pytorch-lightning>=2.6,<2.7",
         "torchmetrics>=1.4",
@@ -34,7 +35,7 @@ setup(
         # export / load_pretrained / predict of safetensors and ONNX files; torch's ONNX exporter needs onnxscript
         "export": ["safetensors>=0.4", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
         "plot": ["matplotlib>=3.8"],
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-timeout>=2.1"],
     },
     entry_points={"console_scripts": ["imagenet-trainer=trainer.cli:main"]},
 )

@@ -32,9 +32,9 @@ file rows reads each of the ``--images`` files ``--repeat`` times; the pack hold
 image per class, which ``pack`` needs), so that one epoch of the pack, read in its own order
 (:mod:`data_pipelines.shards`: shards permuted, each shuffled within), feeds the same images the
 same number of times. The shard rows read as training reads a pack: dali_cpu through
-``DALILoader(split)`` (``fn.readers.webdataset``, per-epoch index files written by
+``DALILoader(PackSource(split))`` (``fn.readers.webdataset``, per-epoch index files written by
 ``shards.write_reader_indices``: part of each timed epoch), torchvision through
-``ShardImages`` (one ``pread`` per image at the index's offsets) in the pack's order. A second
+``PackSource.load`` (one ``pread`` per image at the index's offsets) in the pack's order. A second
 table gives shards / files per backend. With ``--root`` the picked images' class folders are the
 pack's classes (labels may be numbered differently; the images and their count are the same).
 """
@@ -51,11 +51,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_pipelines import filelist, layout, photos, shards  # noqa: E402
+from data_pipelines import filelist, layout, shards  # noqa: E402
+from tests import photos  # noqa: E402
 
 
 def generate(root: Path, num_images: int, num_classes: int = 8, seed: int = 0) -> None:
-    """``root/train/<class>/*.JPEG``: ImageNet-like photos (data_pipelines/photos.py), landscape
+    """``root/train/<class>/*.JPEG``: ImageNet-like photos (tests/photos.py), landscape
     500x375 and portrait 375x500, three to one, as in ImageNet; quality 90 (about 80 KB)."""
     photos.write_tree(root, "train", classes=num_classes, num_images=num_images, seed=seed)
 
@@ -168,10 +169,11 @@ def torchvision_loader(files, labels, workers, batch, *, uint8: bool):
     (``ToTensor`` + ``Normalize``, the backend's own transform)."""
     import torch
 
-    from data_pipelines.torchvision_loader import FileImages, ImageFiles
+    from data_pipelines.sources import FolderSource
+    from data_pipelines.torchvision_loader import ImageFiles
 
     loader = torch.utils.data.DataLoader(
-        ImageFiles(FileImages(files, labels), _torchvision_transform(uint8)), batch_size=batch, shuffle=True,
+        ImageFiles(FolderSource(files, labels), _torchvision_transform(uint8)), batch_size=batch, shuffle=True,
         num_workers=workers, drop_last=True, persistent_workers=workers > 0,
     )
     return _images_per_epoch(loader)
@@ -179,19 +181,18 @@ def torchvision_loader(files, labels, workers, batch, *, uint8: bool):
 
 def torchvision_pack_loader(split: shards.ShardSplit, workers, batch, *, uint8: bool):
     """:func:`torchvision_loader` reading a pack's split as the torchvision backend does
-    (``ShardImages``: a ``pread`` at the index's offsets, tars kept open in each worker), in the
-    pack's training order (``shards.train_ids``), a new epoch's order each epoch."""
-    import functools
-
+    (``PackSource.load``: a ``pread`` at the index's offsets, tars kept open in each worker), in
+    the pack's training order (``shards.train_ids``), a new epoch's order each epoch."""
     import torch
 
     from data_pipelines.sharding import EpochSampler
-    from data_pipelines.torchvision_loader import ImageFiles, ShardImages
+    from data_pipelines.sources import PackSource
+    from data_pipelines.torchvision_loader import ImageFiles
 
-    sampler = EpochSampler(len(split), seed=0, shard_id=0, num_shards=1, batch_size=batch,
-                           order=functools.partial(shards.train_ids, split))
+    source = PackSource(split)
+    sampler = EpochSampler(len(source), seed=0, shard_id=0, num_shards=1, batch_size=batch, order=source.train_ids)
     loader = torch.utils.data.DataLoader(
-        ImageFiles(ShardImages(split), _torchvision_transform(uint8)), batch_size=batch, sampler=sampler,
+        ImageFiles(source, _torchvision_transform(uint8)), batch_size=batch, sampler=sampler,
         num_workers=workers, drop_last=True, persistent_workers=workers > 0,
     )
     run = _images_per_epoch(loader)
@@ -380,16 +381,18 @@ def main(argv: list[str] | None = None) -> None:
         # Files or shards: which source each row reads (shards only with --pack).
         sources = ["files"] * len(backends)
         if args.pack:
+            from data_pipelines.sources import PackSource
+
             split = pack_images(files[: len(files) // args.repeat], args.repeat, Path(tmp), args.shard_size, t)
             if len(split) != len(files):
                 sys.exit(f"the pack holds {len(split)} train images, an epoch of files reads {len(files)}")
             backends += [
                 (f"**dali_cpu** train loader, prefetch {p}, pack", "uint8", f"{t} DALI + {t} resize",
-                 dali_loader(split, None, t, b, p, output_device=None)),
+                 dali_loader(PackSource(split), None, t, b, p, output_device=None)),
                 ("torchvision, PILToTensor, pack", "uint8", f"{t} workers",
                  torchvision_pack_loader(split, t, b, uint8=True)),
                 (f"**dali_cpu** train loader, normalised on this CPU, prefetch {p}, pack", "float32",
-                 f"{t} DALI + {t} resize", dali_loader(split, None, t, b, p)),
+                 f"{t} DALI + {t} resize", dali_loader(PackSource(split), None, t, b, p)),
                 ("torchvision, ToTensor + Normalize, pack", "float32", f"{t} workers",
                  torchvision_pack_loader(split, t, b, uint8=False)),
             ]

@@ -17,7 +17,7 @@ Rows (``--rows``, in this order by default; ``--budget-s`` skips what no longer 
     torchvision         the model fed by the torchvision loader (Pillow decoding in CPU workers)
 
 Data: ``--jpegs`` generated ImageNet-size JPEGs (500x375 or 375x500, about 110 KB, quality 94;
-data_pipelines/photos.py's photo-like images), hard-linked into a train/ tree as large as the timed
+tests/photos.py's photo-like images), hard-linked into a train/ tree as large as the timed
 steps need, so that no epoch ends inside a timed window (the files are read from the page cache);
 ``--root`` uses an ImageNet-layout tree instead.
 
@@ -54,8 +54,8 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from trainer.models import build_model  # noqa: E402
 from trainer.module import param_groups, sgd_implementation  # noqa: E402
+from trainer.recipe.models import build_model  # noqa: E402
 
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 PRECISION_NAMES = {"bf16-mixed": "bf16", "16-mixed": "fp16", "32-true": "fp32"}
@@ -211,11 +211,11 @@ def flops_per_image(arch: str, image_size: int) -> float:
 
 # -- data ------------------------------------------------------------------------------------------
 def make_tree(root: Path, *, unique: int, total: int, classes: int = 8, workers: int = 1) -> Path:
-    """``root/train/<class>/*.JPEG``: ``unique`` generated photos (data_pipelines/photos.py; a
+    """``root/train/<class>/*.JPEG``: ``unique`` generated photos (tests/photos.py; a
     quarter of them portrait) hard-linked up to ``total`` files, and a small ``root/val`` (the
     DataModule wants one). Returns ``root``. With ``workers`` > 1 the photos are written by forked
     processes: call it before CUDA starts (see main)."""
-    from data_pipelines import photos
+    from tests import photos
 
     photos.write_tree(root, "train", classes=classes, num_images=total, unique=unique,
                       sizes=photos.IMAGENET_SIZES, quality=JPEG_QUALITY, workers=workers)

@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpu_throughput import AUTOCAST, Clock, WindowTimer, environment, parse_device  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.models import build_model  # noqa: E402
 from trainer.module import param_groups, sgd_implementation, warmup_cosine  # noqa: E402
+from trainer.recipe.models import build_model  # noqa: E402
 from trainer.run import build_module, build_trainer  # noqa: E402
 
 GOAL_RATIO = 1.05

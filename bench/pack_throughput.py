@@ -5,7 +5,7 @@ finds every shard finished (the cost of resuming: each kept shard is re-hashed).
     python bench/pack_throughput.py --images 20000 --workers 16 --shard-size 256MB
     python bench/pack_throughput.py --root /data/imagenet --out /scratch/shards --workers 32
 
-Without ``--root`` it writes ``--images`` train photos (data_pipelines/photos.py: 500x375 and
+Without ``--root`` it writes ``--images`` train photos (tests/photos.py: 500x375 and
 375x500, quality 90, about 80 KB, ImageNet's sizes) and a tenth as many val photos into a
 temporary folder; the files are then in the page cache, so the check is CPU-bound (two decodes
 per image) and the write is bound by the copy, the hashing and the fsyncs. On a real ImageNet
@@ -24,8 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_pipelines import check, photos  # noqa: E402
+from data_pipelines import check  # noqa: E402
 from data_pipelines.pack import pack, parse_size  # noqa: E402
+from tests import photos  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

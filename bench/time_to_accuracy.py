@@ -98,7 +98,7 @@ def step_times(arch: str, sizes: list[int], batch: int, steps: int) -> dict[int,
     """Seconds per training step (forward, backward, SGD) of ``arch`` at each size, on this CPU."""
     import torch
 
-    from trainer.models import build_model
+    from trainer.recipe.models import build_model
 
     model = build_model(arch, 1000)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

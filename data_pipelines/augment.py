@@ -6,7 +6,7 @@ loaders.
 Where each runs: on the device that decodes. dali_gpu: DALI's ``auto_aug`` on the GPU; dali_cpu:
 DALI's ``auto_aug`` on the CPU; torchvision: ``torchvision.transforms.v2`` in the DataLoader
 workers. MixUp and CutMix act on the batch after the loader, for every backend
-(``trainer/mixing.py``).
+(``trainer/recipe/mixing.py``).
 """
 from __future__ import annotations
 

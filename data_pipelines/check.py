@@ -7,19 +7,22 @@ JPEGs, a PNG named ``.JPEG``, progressive or EXIF-rotated JPEGs; ImageNet has al
 to RGB in both and are not reported. A 500x375 JPEG costs about 5 ms of one core for both decodes
 (Pillow 3.5, nvImageCodec 1.7), so checking ImageNet's 1.33M files takes about 4 minutes on a
 32-core node, more when the filesystem is the bottleneck.
+
+The same decoding names the bad images when a DALI pipeline fails on one
+(:meth:`data_pipelines.sources.Source.dali_failure`).
 """
 from __future__ import annotations
 
 import io
 import multiprocessing
 import os
-import re
 import sys
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from . import layout
+from .progress import progress_bar
 
 _decoder = None  # one nvImageCodec decoder per worker process; False when unavailable
 
@@ -111,7 +114,7 @@ def check_files(
         num_workers = default_workers()
     if progress is None:
         progress = sys.stderr.isatty()
-    bar = _progress_bar(len(files)) if progress else None
+    bar = progress_bar(len(files)) if progress else None
     results: dict[int, str] = {}
     try:
         for i, reason in _run(files, num_workers):
@@ -137,29 +140,6 @@ def _run(files: list[str], num_workers: int) -> Iterable[tuple[int, str | None]]
     chunk = max(1, min(256, len(files) // (num_workers * 16)))
     with ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
         yield from pool.map(_check_indexed, items, chunksize=chunk)
-
-
-def _progress_bar(total: int):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _Counter(total)
-    return tqdm(total=total, unit="img", file=sys.stderr, smoothing=0.1)
-
-
-class _Counter:
-    """A progress line for when tqdm is missing."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done = total, 0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.done % 1000 == 0 or self.done == self.total:
-            print(f"\r{self.done}/{self.total} images", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        print(file=sys.stderr)
 
 
 def check_tree(root: str | os.PathLike, num_workers: int | None = None, *, progress: bool | None = None):
@@ -205,13 +185,13 @@ def main(root: str | os.PathLike, num_workers: int | None = None) -> int:
 
 
 def _check_pack(root: str | os.PathLike, num_workers: int | None) -> int:
-    from . import shards
+    from . import pack_format, shards
 
     try:
         manifest = shards.read_manifest(root)
     except shards.ShardError as err:
         print(f"check-data: {err}", file=sys.stderr)
-        return 1 if (Path(root) / shards.MANIFEST).is_file() else 2
+        return 1 if (Path(root) / pack_format.MANIFEST).is_file() else 2
     every = manifest.shards()
     print(f"check-data: {root} is a pack of {len(every)} shards ({len(manifest.train)} train, {len(manifest.val)} val "
           f"images); checking each shard's sha256 against manifest.json (pack decoded every image)", file=sys.stderr)
@@ -224,63 +204,3 @@ def _check_pack(root: str | os.PathLike, num_workers: int | None) -> int:
         return 1
     print(f"check-data: all {len(every)} shards match the manifest", file=sys.stderr)
     return 0
-
-
-# -- naming the bad file when a DALI pipeline fails on one (used by data_pipelines/dali.py) -------
-
-def is_data_error(err: RuntimeError) -> bool:
-    """A failure of the reader or a decoder while running (not, say, a build error)."""
-    text = str(err)
-    return "fn.readers.file" in text or "fn.readers.webdataset" in text or "fn.decoders." in text
-
-
-def _dali_reason(message: str) -> str:
-    """The line of DALI's error that says what went wrong (DALI prints a graph traceback first)."""
-    tail = message.split("encountered:", 1)[-1].strip().splitlines()
-    useful = [ln for ln in tail if ln.strip() and "no longer valid" not in ln and "C++ context" not in ln]
-    return useful[0].strip() if useful else message.strip().splitlines()[0]
-
-
-# How DALI 2.4 names a file: "Failed to decode sample #3 : PATH" (decoders), "File mapping
-# failed: PATH" (reader, empty or unreadable file).
-_NAMED_FILE = re.compile(r"(?:Failed to decode sample #\d+ : |File mapping failed: )(.+?)\s*$", re.M)
-
-
-def bad_file_message(message: str, in_flight: Sequence[str], all_files: Sequence[str]) -> str:
-    """A message naming the file(s) DALI failed on, taken from its error or found by decoding the
-    ``in_flight`` files again; it always says how to find every bad file at once."""
-    reason = _dali_reason(message)
-    named = [m.group(1) for m in _NAMED_FILE.finditer(message)]
-    named += [p for p in in_flight if p in message]
-    # Decode a named file again for a reason that says more than DALI's "failed to decode".
-    found = [(p, check_file(p) or f"DALI: {reason}") for p in dict.fromkeys(named)]
-    if not found:
-        found = check_files(list(dict.fromkeys(in_flight)), num_workers=0, progress=False)
-    if found:
-        listing = "\n".join(f"  {p}: {r}" for p, r in found)
-        head = f"DALI could not read or decode {len(found)} image file(s):\n{listing}\n"
-    else:
-        head = (
-            f"DALI failed and did not name the file; the {len(in_flight)} files of the batches in "
-            f"flight all decode when read again, so the cause may be I/O or memory.\n"
-        )
-    return (
-        f"{head}The run stopped: DALI cannot skip a sample, and nothing is skipped silently. "
-        f"Run `imagenet-trainer check-data {_dataset_root(all_files)}` to list every bad file, then "
-        f"replace or remove them. DALI said: {reason}"
-    )
-
-
-def _dataset_root(files: Sequence[str]) -> str:
-    """The dataset root for the check-data hint: the folder above train/ or val/ when there is one."""
-    if not files:
-        return "ROOT"
-    try:
-        common = os.path.commonpath([files[0], files[-1]])
-    except ValueError:
-        return "ROOT"
-    parts = common.split(os.sep)
-    for split in ("train", "val"):
-        if split in parts:
-            return os.sep.join(parts[: len(parts) - 1 - parts[::-1].index(split)]) or os.sep
-    return common

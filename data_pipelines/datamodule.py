@@ -8,6 +8,8 @@ but there is no GPU, torchvision when DALI cannot be imported.
 ``root`` is an ImageNet folder tree, or a pack of tar shards (``imagenet-trainer pack``: a folder
 with a ``manifest.json``, :mod:`data_pipelines.shards`), which every backend reads without listing
 anything; ``stage_to`` copies a pack to node-local disk first (:mod:`data_pipelines.staging`).
+Either way each split becomes a source (:mod:`data_pipelines.sources`), made once, which the
+loaders read without asking which kind it is.
 
 The training position survives a resume, the same way for every backend: this module's
 ``state_dict`` (epoch, batches trained) goes into each checkpoint and, on resume, positions the
@@ -28,6 +30,7 @@ import pytorch_lightning as pl
 import torch
 
 from data_pipelines import layout, shards
+from data_pipelines.sources import FolderSource, PackSource, Source
 from data_pipelines.resolution import ResolutionSchedule
 from data_pipelines.sharding import steps_per_epoch
 from data_pipelines.specs import AugSpec, DataSpec
@@ -103,9 +106,9 @@ class ImageNetDataModule(pl.LightningDataModule):
     # --- the tree: scanned once, lazily ---------------------------------------------------
 
     @cached_property
-    def splits(self) -> tuple[layout.Split | shards.ShardSplit, layout.Split | shards.ShardSplit]:
-        """(train, val). A pack: its manifest's shards (staged to ``stage_to`` first, when set).
-        A tree: listed once per job: the job's first process lists each split into the
+    def splits(self) -> tuple[Source, Source]:
+        """(train, val) sources. A pack: its manifest's shards (staged to ``stage_to`` first, when
+        set). A tree: listed once per job: the job's first process lists each split into the
         file-list cache and the others read it (data_pipelines/filelist.py). With
         ``filelist_cache=False`` every process scans the tree itself."""
         root = self.data.root
@@ -115,7 +118,7 @@ class ImageNetDataModule(pl.LightningDataModule):
 
                 root = staged_root(root, self.data.stage_to)
             manifest = shards.read_manifest(root)
-            return manifest.train, manifest.val
+            return PackSource(manifest.train), PackSource(manifest.val)
         if self.data.filelist_cache:
             from data_pipelines.filelist import cached_split, launch_position
 
@@ -123,8 +126,10 @@ class ImageNetDataModule(pl.LightningDataModule):
             # (the model's class count comes from here), so the trainer's rank is not known yet.
             launch = launch_position(os.environ)
             train = cached_split(root, "train", launch=launch)
-            return train, cached_split(root, "val", classes=train.classes, launch=launch)
-        return layout.scan_dataset(root)
+            val = cached_split(root, "val", classes=train.classes, launch=launch)
+        else:
+            train, val = layout.scan_dataset(root)
+        return FolderSource.of(train), FolderSource.of(val)
 
     @property
     def classes(self) -> list[str]:
@@ -193,7 +198,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             from data_pipelines.torchvision_loader import build_train_loader
 
             return build_train_loader(
-                *_files_labels(split), batch_size=d.batch_size, image_size=d.image_size, num_workers=d.num_workers,
+                split, batch_size=d.batch_size, image_size=d.image_size, num_workers=d.num_workers,
                 seed=d.seed, shard_id=rank, num_shards=world, resume=self._resume_position(),
                 resolution=d.resolution, repeats=self.aug.repeated_augment, **self.aug.per_image(),
             )
@@ -212,7 +217,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             from data_pipelines.torchvision_loader import build_val_loader
 
             return build_val_loader(
-                *_files_labels(split), batch_size=d.batch_size, image_size=d.val_crop, val_resize=d.val_resize,
+                split, batch_size=d.batch_size, image_size=d.val_crop, val_resize=d.val_resize,
                 num_workers=d.num_workers, shard_id=rank, num_shards=world,
             )
         return self._dali(split, train=False, rank=rank, world=world)
@@ -230,7 +235,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             dtype=getattr(torch, self.gpu_dtype) if self.on_gpu else torch.float32, channels_last=self.channels_last,
         )
 
-    def _dali(self, split: layout.Split | shards.ShardSplit, *, train: bool, rank: int, world: int):
+    def _dali(self, split: Source, *, train: bool, rank: int, world: int):
         from data_pipelines.dali import DALILoader, PipelineOptions
 
         d = self.data
@@ -246,10 +251,5 @@ class ImageNetDataModule(pl.LightningDataModule):
             channels_last=self.channels_last, val_image_size=d.val_crop, resolution=d.resolution,
             **self.aug.per_image(),
         )
-        return DALILoader(*_files_labels(split), train=train, batch_size=d.batch_size, shard_id=rank,
-                          num_shards=world, seed=d.seed, options=options, repeats=self.aug.repeated_augment)
-
-
-def _files_labels(split: layout.Split | shards.ShardSplit) -> tuple:
-    """What the loaders take: a tree's ``(files, labels)``, or a pack's split (labels in its shards)."""
-    return (split, None) if isinstance(split, shards.ShardSplit) else (split.files, split.labels)
+        return DALILoader(split, train=train, batch_size=d.batch_size, shard_id=rank, num_shards=world, seed=d.seed,
+                          options=options, repeats=self.aug.repeated_augment)

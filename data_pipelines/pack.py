@@ -1,7 +1,7 @@
 """``imagenet-trainer pack ROOT OUT``: an ImageNet-layout folder tree into tar shards.
 
 The format (WebDataset tars with DALI ``v1.2`` indices and a ``manifest.json``) is defined in
-:mod:`data_pipelines.shards`; this module writes it:
+:mod:`data_pipelines.pack_format`; this module plans the shards and writes them:
 
 1. **Check.** ``ROOT/train`` and ``ROOT/val`` are scanned as :mod:`layout` scans them (class order,
    labels), every file's key is made (a collision is an error naming both files) and every file is
@@ -11,10 +11,9 @@ The format (WebDataset tars with DALI ``v1.2`` indices and a ``manifest.json``) 
 2. **Plan.** The train images in a seeded random order (``np.random.default_rng(seed)
    .permutation``: every shard mixes the classes), the val images in listing order, cut into
    shards of at most ``shard_size`` bytes of tar (headers, padded data, the end-of-archive blocks;
-   at least one image a shard). The tars are deterministic (GNU format, mtime 0, uid/gid 0, mode
-   0644, no owner names, the end padded to tar's 10240-byte record as tar and ``tarfile`` do), so
-   a shard's bytes, size and index follow from the plan: its files, their sizes and labels, in
-   order. The same tree, seed and shard size give byte-identical shards.
+   at least one image a shard). The tars are deterministic (:mod:`pack_format`), so a shard's
+   bytes, size and index follow from the plan: its files, their sizes and labels, in order. The
+   same tree, seed and shard size give byte-identical shards.
 3. **Write.** Each shard is written by one worker process: the tar and its index to temporary
    names in ``OUT``, fsync'ed, renamed into place; then a record of the shard,
    ``OUT/.pack/<split>-NNNNNN.json`` (the plan's digest: every source file's absolute path, size,
@@ -44,7 +43,6 @@ import multiprocessing
 import os
 import re
 import sys
-import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -53,22 +51,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import check, files, layout
+from . import check, files, layout, pack_format
 from .files import write_atomic  # the name `files` is pack()'s list of images
-from .shards import FORMAT, INDEX_VERSION, MANIFEST, SPLITS, VERSION
+from .pack_format import ENCODING, ERRORS, FORMAT, MANIFEST, SPLITS, VERSION, WRITER, sample_key
+from .progress import progress_bar
 
 DEFAULT_SHARD_SIZE = "512MB"
 STATE = ".pack"  # OUT/.pack/: a record per finished shard, and the lock
-# Changes whenever the bytes written for a plan change, so that records of an older writer do not match.
-WRITER = "imagenet-trainer pack 1: GNU tar, mtime 0, uid/gid 0, mode 0644, record-padded"
 # Test hook: a file that each shard's writer, its record written, appends the shard's name to, then
 # waits to be killed: a test kills a pack at a known point, not at a time a loaded machine may miss.
 PAUSE_ENV = "IMAGENET_TRAINER_PACK_TEST_PAUSE"
-
-BLOCK = tarfile.BLOCKSIZE  # 512
-RECORD = tarfile.RECORDSIZE  # 10240
-TAR_FORMAT = tarfile.GNU_FORMAT
-ENCODING, ERRORS = "utf-8", "surrogateescape"
 
 
 class PackError(layout.DataLayoutError):
@@ -96,14 +88,6 @@ def parse_size(value: str | int) -> int:
     if size < 1:
         raise PackError(f"--shard-size={value!r} must be at least 1 byte (e.g. 512MB)")
     return size
-
-
-def sample_key(path: str | os.PathLike) -> str:
-    """The WebDataset key of an image file: ``<class folder>/<file stem>``, with the stem's dots
-    and whitespace made ``_`` (a key ends at its first dot, an index line is split at whitespace),
-    and whitespace in the folder name too."""
-    path = Path(path)
-    return re.sub(r"\s", "_", path.parent.name) + "/" + re.sub(r"[\s.]", "_", path.stem)
 
 
 def _check_out(root: Path, out: Path) -> None:
@@ -142,7 +126,7 @@ class ShardPlan:
 
     @property
     def name(self) -> str:
-        return f"{self.split}-{self.number:06d}"
+        return pack_format.shard_name(self.split, self.number)
 
     @property
     def tar(self) -> str:
@@ -158,49 +142,19 @@ class ShardPlan:
         return hashlib.sha256(text.encode(ENCODING, ERRORS)).hexdigest()
 
 
-def _pad(n: int, to: int = BLOCK) -> int:
-    return -(-n // to) * to
-
-
-def header_size(name: str) -> int:
-    """Bytes of a member's GNU tar header(s): one block, plus a ``././@LongLink`` header and its
-    payload when the name is longer than 100 bytes (as ``tarfile`` writes them)."""
-    n = len(name.encode(ENCODING, ERRORS))
-    return BLOCK if n <= tarfile.LENGTH_NAME else 2 * BLOCK + _pad(n + 1)
-
-
-def _member_bytes(name: str, size: int) -> int:
-    return header_size(name) + _pad(size)
-
-
-def _cls_bytes(label: int) -> bytes:
-    return str(label).encode("ascii")
-
-
-def _image_bytes(item: Item) -> int:
-    """Tar bytes of one image: its ``.jpg`` and ``.cls`` members."""
-    return _member_bytes(item.key + ".jpg", item.size) + _member_bytes(item.key + ".cls", len(_cls_bytes(item.label)))
-
-
-def _tar_bytes(members: int) -> int:
-    """Bytes of a tar whose members take ``members`` bytes: two zero blocks end it, zeros pad it to
-    a whole record."""
-    return _pad(members + 2 * BLOCK, RECORD)
-
-
 def cut_shards(out: Path, split: str, items: list[Item], shard_size: int) -> list[ShardPlan]:
     """``items`` in order, cut into shards of at most ``shard_size`` bytes (at least one image each)."""
     shards: list[ShardPlan] = []
     members, current = 0, []
     for item in items:
-        cost = _image_bytes(item)
-        if current and _tar_bytes(members + cost) > shard_size:
-            shards.append(ShardPlan(str(out), split, len(shards), current, _tar_bytes(members)))
+        cost = pack_format.sample_bytes(item.key, item.size, item.label)
+        if current and pack_format.tar_bytes(members + cost) > shard_size:
+            shards.append(ShardPlan(str(out), split, len(shards), current, pack_format.tar_bytes(members)))
             members, current = 0, []
         members += cost
         current.append(item)
     if current:
-        shards.append(ShardPlan(str(out), split, len(shards), current, _tar_bytes(members)))
+        shards.append(ShardPlan(str(out), split, len(shards), current, pack_format.tar_bytes(members)))
     return shards
 
 
@@ -230,14 +184,6 @@ def _items(split: layout.Split, bad: set[str]) -> list[Item]:
 
 
 # -- writing one shard (in a worker process) -----------------------------------------------------
-def _header(name: str, size: int) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.type = size, 0, 0o644, tarfile.REGTYPE
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info.tobuf(TAR_FORMAT, ENCODING, ERRORS)
-
-
 # Temporary names: files.temp_path's unique ones (``.NAME.HOST.PID.RANDOM.tmp``), and the
 # ``.NAME.tmpPID`` of packs before it.
 _TMP = re.compile(r"^\..+\.tmp\d*$")
@@ -299,53 +245,75 @@ def _write(shard: ShardPlan) -> dict:
     """Write the shard's tar and index (temporary names, fsync, rename), then its record."""
     out = Path(shard.out)
     _record_path(shard).unlink(missing_ok=True)
-    tar, index = out / shard.tar, out / shard.index
-    digest = hashlib.sha256()
-    lines = [f"{INDEX_VERSION} {len(shard.items)}"]
-    pos = 0
+    lines = []
     # Each fsync'ed and renamed into place (the index first) as the block ends; removed on an error.
-    with files.atomic_path(tar, unique=True) as tmp_tar, files.atomic_path(index, unique=True) as tmp_index:
+    with files.atomic_path(out / shard.tar, unique=True) as tmp_tar, \
+            files.atomic_path(out / shard.index, unique=True) as tmp_index:
         with open(tmp_tar, "wb") as f:
-            def put(data: bytes) -> None:
-                nonlocal pos
-                f.write(data)
-                digest.update(data)
-                pos += len(data)
-
+            tar = _TarStream(f)
             for item in shard.items:
-                try:
-                    with open(item.path, "rb") as source:
-                        st = os.fstat(source.fileno())
-                        data = source.read()
-                except OSError as err:
-                    raise PackError(f"{item.path} cannot be read: {err.strerror or err}") from err
-                if (len(data), st.st_mtime_ns) != (item.size, item.mtime_ns):
-                    raise PackError(f"{item.path} changed while packing ({item.size} bytes when listed, "
-                                    f"{len(data)} now, modified since): run pack again")
-                entry = []
-                for ext, payload in (("jpg", data), ("cls", _cls_bytes(item.label))):
-                    name = f"{item.key}.{ext}"
-                    put(_header(name, len(payload)))
-                    entry.append(f"{ext} {pos} {len(payload)} {name}")
-                    put(payload)
-                    put(bytes(_pad(len(payload)) - len(payload)))
-                lines.append(" ".join(entry))
-            put(bytes(_tar_bytes(pos) - pos))
-        if pos != shard.bytes:  # the plan's arithmetic and the writer disagree: a bug, not a user error
-            raise RuntimeError(f"{shard.tar}: wrote {pos} bytes, planned {shard.bytes}")
-        index_text = ("\n".join(lines) + "\n").encode(ENCODING, ERRORS)
+                members = pack_format.sample_members(item.key, _read(item), item.label)
+                lines.append(pack_format.index_line([(ext, tar.member(name, data), len(data), name)
+                                                     for ext, name, data in members]))
+            tar.end()
+        if tar.pos != shard.bytes:  # the plan's arithmetic and the writer disagree: a bug, not a user error
+            raise RuntimeError(f"{shard.tar}: wrote {tar.pos} bytes, planned {shard.bytes}")
+        index_text = pack_format.index_text(lines).encode(ENCODING, ERRORS)
         with open(tmp_index, "wb") as f:
             f.write(index_text)
     record = {"plan": shard.digest, "tar": shard.tar, "index": shard.index, "images": len(shard.items),
-              "bytes": pos, "sha256": digest.hexdigest(), "index_sha256": hashlib.sha256(index_text).hexdigest()}
+              "bytes": tar.pos, "sha256": tar.digest.hexdigest(), "index_sha256": hashlib.sha256(index_text).hexdigest()}
     write_atomic(_record_path(shard), json.dumps(record, indent=1).encode(), unique=True)
+    _pause_if_asked(shard)
+    return record
+
+
+class _TarStream:
+    """A tar being written to ``file``: ``pos`` counts its bytes, ``digest`` hashes them."""
+
+    def __init__(self, file) -> None:
+        self.file, self.digest, self.pos = file, hashlib.sha256(), 0
+
+    def put(self, data: bytes) -> None:
+        self.file.write(data)
+        self.digest.update(data)
+        self.pos += len(data)
+
+    def member(self, name: str, data: bytes) -> int:
+        """Write the member ``name`` holding ``data``; returns the data's offset (the index's)."""
+        self.put(pack_format.member_header(name, len(data)))
+        offset = self.pos
+        self.put(data)
+        self.put(bytes(pack_format.pad(len(data)) - len(data)))
+        return offset
+
+    def end(self) -> None:
+        """The end-of-archive blocks and the padding to a whole record."""
+        self.put(bytes(pack_format.tar_bytes(self.pos) - self.pos))
+
+
+def _read(item: Item) -> bytes:
+    """The image file's bytes, as listed (same size and mtime), or a :class:`PackError`."""
+    try:
+        with open(item.path, "rb") as source:
+            st = os.fstat(source.fileno())
+            data = source.read()
+    except OSError as err:
+        raise PackError(f"{item.path} cannot be read: {err.strerror or err}") from err
+    if (len(data), st.st_mtime_ns) != (item.size, item.mtime_ns):
+        raise PackError(f"{item.path} changed while packing ({item.size} bytes when listed, "
+                        f"{len(data)} now, modified since): run pack again")
+    return data
+
+
+def _pause_if_asked(shard: ShardPlan) -> None:
+    """The ``PAUSE_ENV`` test hook: note the shard as written, then wait to be killed."""
     pause = os.environ.get(PAUSE_ENV)
     if pause:
         with open(pause, "a") as f:
             f.write(shard.name + "\n")
         while True:  # until the test kills the pack (the workers die with it)
             time.sleep(60)
-    return record
 
 
 def _do_shard(shard: ShardPlan) -> tuple[dict, bool]:
@@ -389,7 +357,7 @@ def _run_shards(shards: list[ShardPlan], workers: int):
 
 
 # -- OUT -----------------------------------------------------------------------------------------
-_SHARD_FILE = {".": re.compile(r"^(train|val)-(\d{6})\.(tar|idx)$"),  # in OUT
+_SHARD_FILE = {".": pack_format.SHARD_FILE,  # in OUT
                STATE: re.compile(r"^(train|val)-(\d{6})\.json$")}  # in OUT/.pack
 
 
@@ -477,18 +445,9 @@ def pack(
     check_keys(train, "train")
     check_keys(val, "val")
 
-    files = train.files + val.files
     start = time.perf_counter()
-    known, earlier_plan = _checked_before(out, train, val, seed, size)
-    todo = [f for f in files if f not in known]
-    if len(todo) < len(files):  # counted on what is decoded, so the log cannot claim a skip that did not happen
-        _say(verbose, f"{len(files) - len(todo)} of the {len(files)} images are in shards an earlier pack of the "
-                      f"same plan finished: decoded then, not again")
-    how = "Pillow and nvImageCodec (DALI's decoder)" if check.dali_decoder_available() else "Pillow only"
-    _say(verbose, f"decoding {len(todo)} of the {len(files)} images under {root} ({len(train)} train, {len(val)} val) "
-                  f"with {how}, {workers} worker(s)")
-    bad = check.check_files(todo, workers, progress=progress)
-    result = PackResult(out, None, bad, len(files), check_seconds=time.perf_counter() - start)
+    bad, earlier_plan = _decode_all(root, out, train, val, seed, size, workers, progress, verbose)
+    result = PackResult(out, None, bad, len(train) + len(val), check_seconds=time.perf_counter() - start)
     if bad and not skip_bad:
         return result
 
@@ -505,36 +464,13 @@ def pack(
         _clean(out, {name: len(plan[name]) for name in SPLITS})
         _say(verbose, f"writing {len(plan['train'])} train and {len(plan['val'])} val shard(s) of at most "
                       f"{size} bytes into {out}, {min(max(workers, 1), len(shards))} worker(s)")
-        records: dict[str, dict] = {}
-        bar = check._progress_bar(sum(len(s.items) for s in shards)) if progress else None
-        try:
-            for shard, record, kept in _run_shards(shards, workers):
-                records[shard.name] = record
-                result.kept += kept
-                result.written += not kept
-                if bar is not None:
-                    bar.update(len(shard.items))
-                elif len(shards) >= 20 and len(records) * 10 // len(shards) > (len(records) - 1) * 10 // len(shards):
-                    _say(verbose, f"{len(records)}/{len(shards)} shards done")  # a line per tenth
-        finally:
-            if bar is not None:
-                bar.close()
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "classes": list(train.classes),
-            "source_root": str(root.resolve()),
-            "seed": seed,
-            "shard_size": size,
-            "splits": {
-                name: {"images": sum(len(s.items) for s in plan[name]),
-                       "shards": [{key: records[s.name][key] for key in ("tar", "index", "images", "bytes", "sha256")}
-                                  for s in plan[name]]}
-                for name in SPLITS
-            },
-            "skipped": [{"path": os.path.abspath(p), "reason": r} for p, r in bad],
-        }
-        write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(), unique=True)
+        records = _write_shards(shards, workers, result, progress, verbose)
+        manifest = pack_format.manifest(
+            classes=train.classes, source_root=str(root.resolve()), seed=seed, shard_size=size,
+            splits={name: [records[s.name] for s in plan[name]] for name in SPLITS},
+            skipped=[{"path": os.path.abspath(p), "reason": r} for p, r in bad],
+        )
+        write_atomic(out / MANIFEST, pack_format.manifest_bytes(manifest), unique=True)
     finally:
         os.close(lock)
     result.manifest = manifest
@@ -543,6 +479,42 @@ def pack(
     result.shards = {name: len(plan[name]) for name in SPLITS}
     result.bytes = sum(s.bytes for s in shards)
     return result
+
+
+def _decode_all(root: Path, out: Path, train: layout.Split, val: layout.Split, seed: int, size: int, workers: int,
+                progress: bool, verbose: bool) -> tuple[list[tuple[str, str]], dict[str, list[ShardPlan]] | None]:
+    """Step 1's decoding: ``(path, reason)`` of every bad file among those no earlier pack of the
+    same plan decoded, and that earlier pack's plan (:func:`_checked_before`)."""
+    files = train.files + val.files
+    known, earlier_plan = _checked_before(out, train, val, seed, size)
+    todo = [f for f in files if f not in known]
+    if len(todo) < len(files):  # counted on what is decoded, so the log cannot claim a skip that did not happen
+        _say(verbose, f"{len(files) - len(todo)} of the {len(files)} images are in shards an earlier pack of the "
+                      f"same plan finished: decoded then, not again")
+    how = "Pillow and nvImageCodec (DALI's decoder)" if check.dali_decoder_available() else "Pillow only"
+    _say(verbose, f"decoding {len(todo)} of the {len(files)} images under {root} ({len(train)} train, {len(val)} val) "
+                  f"with {how}, {workers} worker(s)")
+    return check.check_files(todo, workers, progress=progress), earlier_plan
+
+
+def _write_shards(shards: list[ShardPlan], workers: int, result: PackResult, progress: bool,
+                  verbose: bool) -> dict[str, dict]:
+    """Step 3 for every shard (kept or written), counted in ``result``: each shard's record, by name."""
+    records: dict[str, dict] = {}
+    bar = progress_bar(sum(len(s.items) for s in shards)) if progress else None
+    try:
+        for shard, record, kept in _run_shards(shards, workers):
+            records[shard.name] = record
+            result.kept += kept
+            result.written += not kept
+            if bar is not None:
+                bar.update(len(shard.items))
+            elif len(shards) >= 20 and len(records) * 10 // len(shards) > (len(records) - 1) * 10 // len(shards):
+                _say(verbose, f"{len(records)}/{len(shards)} shards done")  # a line per tenth
+    finally:
+        if bar is not None:
+            bar.close()
+    return records
 
 
 def _human(n: float) -> str:

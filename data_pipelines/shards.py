@@ -1,27 +1,10 @@
-"""Tar-sharded ImageNet: the format ``imagenet-trainer pack`` writes, and the sample order every
-backend reads it in.
+"""Reading a pack of tar shards (``imagenet-trainer pack``'s output): its manifest and indices,
+checked, and the sample order every backend reads it in.
 
-The format (``FORMAT``, version ``VERSION``) is WebDataset's, with DALI's indices::
-
-    OUT/manifest.json        what is in the shards (below); written last, so its presence means a
-                             complete pack
-    OUT/train-000000.tar     one ``KEY.jpg`` (the original file's bytes, whatever its format) and
-    OUT/train-000000.idx     one ``KEY.cls`` (the class index in ASCII decimal) per image; the index
-    ...                      in DALI's ``v1.2`` format (``fn.readers.webdataset(index_paths=)``):
-    OUT/val-000000.tar       a ``v1.2 N`` line, then one line per image,
-    OUT/val-000000.idx       ``jpg OFFSET SIZE KEY.jpg cls OFFSET SIZE KEY.cls``
-
-``KEY`` is ``<class folder>/<file stem>``, with whitespace made ``_`` (an index line is split at
-spaces) and dots in the stem too (a WebDataset key ends at its first dot). Tars are GNU format, so
-names over 100 bytes work; OFFSET is always the member's data (DALI's ``wds2idx`` gives the
-long-name header's offset for such names, which is why ``pack`` writes the indices itself). ``manifest.json``::
-
-    {"format": FORMAT, "version": 1, "classes": [wnid, ...],       # index order = the folder layout's
-     "source_root": "/abs/path", "seed": 0, "shard_size": BYTES,
-     "splits": {"train": {"images": N, "shards": [{"tar": "train-000000.tar",
-                "index": "train-000000.idx", "images": n, "bytes": B, "sha256": HEX}, ...]},
-                "val": {...}},
-     "skipped": [{"path": ..., "reason": ...}, ...]}               # bad files left out (--skip-bad)
+The pack's bytes (file names, members, index lines, the manifest) are defined in
+:mod:`data_pipelines.pack_format`, for the writer and the readers alike; this module reads them as
+:class:`Manifest` and :class:`ShardSplit` (what :class:`data_pipelines.sources.PackSource` reads
+from), and writes the per-pipeline indices DALI's webdataset reader follows.
 
 Sample order, the folder path's contract kept (:mod:`data_pipelines.sharding`), in terms of
 shards so that ranks read distinct shards:
@@ -41,7 +24,6 @@ order.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -53,19 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout
+from . import pack_format
 from .files import try_exclusive_lock
+# The format's names, read here and by the pack's other users through this module too.
+from .pack_format import (  # noqa: F401
+    FORMAT, INDEX_VERSION, MANIFEST, SPLITS, VERSION, ShardError, ascii_labels,
+)
 from .sharding import deal_repeated, steps_per_epoch, val_indices
-
-FORMAT = "imagenet-trainer shards"
-VERSION = 1
-MANIFEST = "manifest.json"
-SPLITS = ("train", "val")
-INDEX_VERSION = "v1.2"
-
-
-class ShardError(layout.DataLayoutError):
-    """A pack is incomplete, damaged or of another format; the message says what to do."""
 
 
 def is_sharded(root: str | os.PathLike | None) -> bool:
@@ -108,18 +84,15 @@ class ShardSplit:
         """The index's sample lines of shard number ``shard``, in its order."""
         path = self.shards[shard].index
         try:
-            lines = path.read_text().splitlines()
+            text = path.read_text()
         except OSError as err:
             raise ShardError(f"cannot read the shard index {path}: {err.strerror or err}; re-run "
                              f"`imagenet-trainer pack` for {self.root}") from err
-        header = lines[0].split() if lines else []
-        if len(header) != 2 or header[0] != INDEX_VERSION or header[1] != str(len(lines) - 1):
-            raise ShardError(f"{path} is not a complete {INDEX_VERSION} index ({len(lines) - 1} sample lines, "
-                             f"header {lines[:1]}); re-run `imagenet-trainer pack` for {self.root}")
-        if len(lines) - 1 != self.shards[shard].images:
-            raise ShardError(f"{path} lists {len(lines) - 1} images, the manifest {self.shards[shard].images}; "
+        lines = pack_format.sample_lines(text, path=path, root=self.root)
+        if len(lines) != self.shards[shard].images:
+            raise ShardError(f"{path} lists {len(lines)} images, the manifest {self.shards[shard].images}; "
                              f"the pack under {self.root} is damaged: re-run `imagenet-trainer pack`")
-        return lines[1:]
+        return lines
 
 
 @dataclass(frozen=True)
@@ -145,55 +118,15 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     """The pack under ``root``, checked: format, version, and each shard's files present with the
     manifest's sizes (contents are checked by sha256 only when staging, :mod:`staging`)."""
     root = Path(root)
-    path = root / MANIFEST
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ShardError(f"{path} is missing: {root} is not a pack; make one with "
-                         f"`imagenet-trainer pack IMAGENET_ROOT {root}`") from None
-    except (OSError, ValueError) as err:
-        raise ShardError(f"{path} cannot be read as JSON ({err}); re-run `imagenet-trainer pack`") from err
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ShardError(f"{path} is not an imagenet-trainer pack manifest (found {found!r}, expected format "
-                         f"{FORMAT!r}); make one with `imagenet-trainer pack`")
-    if data.get("version") != VERSION:
-        raise ShardError(f"{path} has format version {data.get('version')!r}; this imagenet-trainer reads "
-                         f"version {VERSION}: re-pack with `imagenet-trainer pack`, or install the version that wrote it")
-    try:
-        classes = [str(c) for c in data["classes"]]
-        splits = {}
-        for name in SPLITS:
-            entry = data["splits"][name]
-            shards = [Shard(root / _name(path, s["tar"]), root / _name(path, s["index"]), int(s["images"]),
-                            int(s["bytes"]), str(s["sha256"])) for s in entry["shards"]]
-            splits[name] = ShardSplit(root, name, classes, shards)
-            if len(splits[name]) != int(entry["images"]):
-                raise ShardError(f"{path}: the {name} shards hold {len(splits[name])} images, its "
-                                 f"'images' says {entry['images']}; re-run `imagenet-trainer pack`")
-    except (KeyError, TypeError, ValueError) as err:
-        if isinstance(err, ShardError):
-            raise
-        raise ShardError(f"{path} lacks or mangles the field {err}; re-run `imagenet-trainer pack`") from err
-    if not splits["train"].shards:
-        raise ShardError(f"{path} lists no train shards; re-run `imagenet-trainer pack`")
-    names = [f.name for split in splits.values() for s in split.shards for f in (s.tar, s.index)]
-    if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise ShardError(f"{path} names {', '.join(twice)} more than once; re-run `imagenet-trainer pack`")
+    data = pack_format.load_manifest(root)
+    classes, records = pack_format.parse_manifest(data, root / MANIFEST)
+    splits = {name: ShardSplit(root, name, classes, [Shard(root / r.tar, root / r.index, r.images, r.bytes, r.sha256)
+                                                     for r in records[name]])
+              for name in SPLITS}
     manifest = Manifest(root, classes, splits, data)
     for shard in manifest.shards():
         check_present(shard)
     return manifest
-
-
-def _name(manifest: Path, name) -> str:
-    """A file name of the manifest: a plain name inside the pack's folder, nothing else."""
-    name = str(name)
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise ShardError(f"{manifest} names the file {name!r}, which is not a plain file name in the pack's "
-                         f"folder; re-run `imagenet-trainer pack`")
-    return name
 
 
 def check_present(shard: Shard) -> None:
@@ -292,7 +225,7 @@ augmentation too), so each shard is one run and its index is read once.
             lines_of = {shard: split.index_lines(shard)}  # only the current shard's lines in memory
         lines = lines_of[shard]
         index = folder / f"{n:06d}-{split.shards[shard].index.name}"
-        index.write_text(f"{INDEX_VERSION} {len(positions)}\n" + "\n".join(lines[p] for p in positions) + "\n")
+        index.write_text(pack_format.index_text([lines[p] for p in positions]))
         paths.append(str(split.shards[shard].tar))
         indices.append(str(index))
     return paths, indices
@@ -403,16 +336,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
-
-
-def ascii_labels(codes):
-    """Class indices from DALI's ``.cls`` outputs: ASCII decimal digits padded with zeros to a
-    fixed width, ``[N, width]`` uint8 (torch) -> ``[N]`` int64 on the same device."""
-    import torch
-
-    codes = codes.reshape(codes.shape[0], -1).long()
-    digits = (codes >= 48) & (codes <= 57)
-    value = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
-    for column in range(codes.shape[1]):
-        value = torch.where(digits[:, column], value * 10 + codes[:, column] - 48, value)
-    return value

@@ -68,7 +68,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import files, shards
+from . import files, pack_format, shards
 from .filelist import LISTING_TIMEOUT
 from .launch import TOKEN_VAR, LaunchPosition, launch_position, launch_token, make_launch_token  # noqa: F401
 
@@ -141,7 +141,7 @@ def staged_root(
     root, stage_to = Path(root), Path(stage_to)
     if threads < 1:
         raise ValueError(f"threads={threads}: must be at least 1")
-    manifest_path = root / shards.MANIFEST
+    manifest_path = root / pack_format.MANIFEST
     try:
         manifest_bytes = manifest_path.read_bytes()
     except FileNotFoundError:
@@ -193,7 +193,7 @@ def _check_stage_dir(stage_to: Path, root: Path) -> None:
 # -- the copier ----------------------------------------------------------------------------------
 def _copier(root: Path, manifest_bytes: bytes, places: _Places, token: str, *, timeout: float, threads: int) -> None:
     ready, failed = places.ready(token), places.failed(token)
-    local_manifest = places.folder / shards.MANIFEST
+    local_manifest = places.folder / pack_format.MANIFEST
     if ready.is_file() and _read_bytes(local_manifest) == manifest_bytes:
         log.debug("%s is already staged for this launch (%s)", root, ready)
         return
@@ -218,13 +218,13 @@ def _stage(root: Path, manifest_bytes: bytes, places: _Places, *, threads: int) 
     started = time.monotonic()
     manifest = shards.read_manifest(root)
     if manifest.data != _loads(manifest_bytes):
-        raise StagingError(f"{root / shards.MANIFEST} changed while it was read (a pack being rewritten?); "
+        raise StagingError(f"{root / pack_format.MANIFEST} changed while it was read (a pack being rewritten?); "
                            f"start again once `imagenet-trainer pack` has finished")
     folder = places.folder
     jobs = [(shard, _local_name(manifest.root, shard.tar, root)) for shard in manifest.shards()]
     indices = [(shard.index, _local_name(manifest.root, shard.index, root)) for shard in manifest.shards()]
 
-    (folder / shards.MANIFEST).unlink(missing_ok=True)  # from here on the folder is incomplete
+    (folder / pack_format.MANIFEST).unlink(missing_ok=True)  # from here on the folder is incomplete
     _remove_temporaries(folder)
     needed = sum(s.bytes for s, rel in jobs if _size(folder / rel) != s.bytes)
     needed += sum(_size(src) or 0 for src, rel in indices if _size(folder / rel) != _size(src))
@@ -250,7 +250,7 @@ def _stage(root: Path, manifest_bytes: bytes, places: _Places, *, threads: int) 
         if _read_bytes(dst) != data:
             _write_atomically(dst, data)
     files.fsync_dir(folder)
-    _write_atomically(folder / shards.MANIFEST, manifest_bytes)
+    _write_atomically(folder / pack_format.MANIFEST, manifest_bytes)
     copied = [n for what, n in results if what == "copied"]
     stats = StageStats(len(copied), len(results) - len(copied), sum(copied), time.monotonic() - started)
     log.info(
@@ -304,7 +304,7 @@ def _copy_verified(shard: shards.Shard, dst: Path, root: Path, places: _Places, 
             if size != shard.bytes or digest.hexdigest() != shard.sha256:
                 raise StagingError(
                     f"the shard {shard.tar} on the shared copy is damaged: it has {size} bytes and sha256 "
-                    f"{digest.hexdigest()}, the manifest {root / shards.MANIFEST} says {shard.bytes} bytes and "
+                    f"{digest.hexdigest()}, the manifest {root / pack_format.MANIFEST} says {shard.bytes} bytes and "
                     f"sha256 {shard.sha256}. Re-run `imagenet-trainer pack` (or copy the pack again from a good "
                     f"copy), or unset data.stage_to to train without checking it"
                 )
@@ -337,7 +337,7 @@ def _local_name(pack_root: Path, path: Path, root: Path) -> Path:
     except ValueError:
         rel = None
     if rel is None or rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise StagingError(f"{root / shards.MANIFEST} names the file {path}, which is not inside the pack: "
+        raise StagingError(f"{root / pack_format.MANIFEST} names the file {path}, which is not inside the pack: "
                            f"re-run `imagenet-trainer pack`")
     return rel
 
@@ -368,7 +368,7 @@ def _await_without_token(root: Path, places: _Places, launch: LaunchPosition, *,
         f"{launch.described} has no launch token (none of SLURM_JOB_ID, TORCHELASTIC_RUN_ID, {TOKEN_VAR}): "
         f"it takes {places.folder} once it has a manifest and nobody holds {places.lock}", stacklevel=3,
     )
-    manifest = places.folder / shards.MANIFEST
+    manifest = places.folder / pack_format.MANIFEST
 
     def check(waited: float):
         return None if manifest.is_file() and not _lock_held(places.lock) else files.WAIT

@@ -1,92 +1,27 @@
 """The torchvision backend: Pillow decoding in DataLoader workers.
 
 The fallback where DALI is not installed, and the reference the DALI pipelines are checked
-against. The sample order comes from ``sharding`` (folders) or ``shards`` (a pack) like every
-other backend's. Training transforms are ``torchvision.transforms.v2`` (as torchvision's
-reference recipes use them).
-
-A pack's images are read straight from their tar at the offsets in the shard's index (DALI's
-index, :mod:`data_pipelines.shards`): one ``pread`` per image, no tar library, no listing.
+against. What it reads is a source (:mod:`data_pipelines.sources`: a folder tree's split or a
+pack's, whose images are read straight from their tar at the offsets of the shard's index): its
+sample order, like every other backend's, and each image (``Source.load``), in the DataLoader's
+workers. Training transforms are ``torchvision.transforms.v2`` (as torchvision's reference recipes
+use them).
 """
 from __future__ import annotations
 
 import functools
-import io
-import os
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.transforms import v2
 
-from data_pipelines import IMAGENET_MEAN, IMAGENET_STD, augment, shards
+from data_pipelines import IMAGENET_MEAN, IMAGENET_STD, augment
 from data_pipelines.resolution import ResolutionSchedule, train_size
-from data_pipelines.sharding import EpochSampler, val_indices
-
-
-
-def load_rgb(path, name: str | None = None, hint: str = "Run `imagenet-trainer check-data ROOT` to list every bad file") -> Image.Image:
-    """Decode ``path`` (a file name or a binary file object, then called ``name``) to RGB,
-    applying its EXIF orientation as DALI's decoder does."""
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
-    except Exception as err:  # noqa: BLE001 - any decoder failure is reported with the file
-        raise RuntimeError(f"cannot decode image {name or path}: {err}. {hint}") from err
-
-
-class FileImages:
-    """Images as files: ``load(i)`` -> (RGB image, label)."""
-
-    def __init__(self, files: Sequence[str], labels: Sequence[int]) -> None:
-        self.files, self.labels = files, labels
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def load(self, index: int) -> tuple[Image.Image, int]:
-        return load_rgb(self.files[index]), int(self.labels[index])
-
-
-class ShardImages:
-    """A pack's split: ``load(id)`` reads the image and its ``.cls`` at the offsets of the shard's
-    index. Each worker process parses an index the first time it reads from that shard (a
-    shard's index, not the split's: start-up reads none) and keeps its tars open."""
-
-    def __init__(self, split: shards.ShardSplit) -> None:
-        self.split = split
-        self._offsets: dict[int, np.ndarray] = {}
-        self._files: dict[int, object] = {}
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getstate__(self):  # to a worker process: without open files
-        return {"split": self.split, "_offsets": {}, "_files": {}}
-
-    def _entry(self, shard: int, position: int) -> np.ndarray:
-        if shard not in self._offsets:
-            # "jpg OFFSET SIZE KEY.jpg cls OFFSET SIZE KEY.cls" -> [[jpg off, size, cls off, size]]
-            rows = [line.split() for line in self.split.index_lines(shard)]
-            self._offsets[shard] = np.array([[int(r[1]), int(r[2]), int(r[5]), int(r[6])] for r in rows], np.int64)
-        return self._offsets[shard][position]
-
-    def load(self, sample: int) -> tuple[Image.Image, int]:
-        shard, position = (int(v[0]) for v in self.split.locate(np.array([sample])))
-        jpg_offset, jpg_size, cls_offset, cls_size = self._entry(shard, position).tolist()
-        if shard not in self._files:
-            self._files[shard] = open(self.split.shards[shard].tar, "rb")  # noqa: SIM115 - kept open
-        fd = self._files[shard].fileno()
-        name = f"{self.split.shards[shard].tar} (image {position} of its index)"
-        label = os.pread(fd, cls_size, cls_offset)
-        image = load_rgb(io.BytesIO(os.pread(fd, jpg_size, jpg_offset)), name=name,
-                         hint=f"The shard is damaged or was not written by `imagenet-trainer pack`: "
-                              f"`imagenet-trainer check-data {self.split.root}` checks every shard's sha256")
-        return image, int(label)
+from data_pipelines.sharding import EpochSampler
+from data_pipelines.sources import Source, as_source, load_rgb  # noqa: F401 - load_rgb: the backend's decode
 
 
 def train_transform(image_size: int, auto_augment: str = "none", random_erasing: float = 0.0, *,
@@ -129,10 +64,10 @@ def val_transform(image_size: int, val_resize: int) -> transforms.Compose:
 
 
 class ImageFiles(Dataset):
-    """(image tensor, label) for the images of ``images`` (:class:`FileImages`, :class:`ShardImages`)
-    at ``ids`` (all, in order, when ``None``)."""
+    """(image tensor, label) for the images of the source ``images`` (``Source.load``) at ``ids``
+    (all, in order, when ``None``)."""
 
-    def __init__(self, images: FileImages | ShardImages, transform, ids: Sequence[int] | None = None) -> None:
+    def __init__(self, images: Source, transform, ids: Sequence[int] | None = None) -> None:
         self.images = images
         self.ids = ids
         self.transform = transform
@@ -154,7 +89,7 @@ class TrainImages(ImageFiles):
     hold copies of the dataset made when they started, which a change in the main process would
     not reach. ``make_transform(size)`` builds the transform for a size (kept per size)."""
 
-    def __init__(self, images: FileImages | ShardImages, make_transform: Callable[[int], Callable]) -> None:
+    def __init__(self, images: Source, make_transform: Callable[[int], Callable]) -> None:
         super().__init__(images, transform=None)
         self.make_transform = make_transform
         self._transforms: dict[int, Callable] = {}
@@ -190,13 +125,9 @@ class SizedSampler:
         return len(self.sampler)
 
 
-def _images(files, labels) -> FileImages | ShardImages:
-    return ShardImages(files) if isinstance(files, shards.ShardSplit) else FileImages(files, labels)
-
-
 def build_train_loader(
-    files: Sequence[str] | shards.ShardSplit,
-    labels: Sequence[int] | None,
+    source: Source | Sequence[str],
+    labels: Sequence[int] | None = None,
     *,
     batch_size: int,
     image_size: int,
@@ -215,16 +146,16 @@ def build_train_loader(
     """Training batches of rank ``shard_id``; ``resume`` = (epoch, batches of it already fed).
     ``resolution``: the crop size per epoch (else ``image_size``); ``repeats``: repeated
     augmentation (``sharding.train_indices``); ``crop``, ``crop_padding``: the training crop
-    (:func:`train_transform`). ``files``: a pack's split instead (``labels`` unused), read in
-    :mod:`shards`'s order."""
+    (:func:`train_transform`). ``source``: what it reads, in the source's order (image files,
+    with their ``labels``, for short: :func:`sources.as_source`)."""
+    source = as_source(source, labels)
     augment.check_crop(crop, crop_padding)
-    order = functools.partial(shards.train_ids, files) if isinstance(files, shards.ShardSplit) else None
-    sampler = EpochSampler(len(files), seed=seed, shard_id=shard_id, num_shards=num_shards,
-                           batch_size=batch_size, resume=resume, repeats=repeats, order=order)
+    sampler = EpochSampler(len(source), seed=seed, shard_id=shard_id, num_shards=num_shards,
+                           batch_size=batch_size, resume=resume, repeats=repeats, order=source.train_ids)
     make_transform = functools.partial(train_transform, auto_augment=auto_augment, random_erasing=random_erasing,
                                        crop=crop, crop_padding=crop_padding)
     return DataLoader(
-        TrainImages(_images(files, labels), make_transform),
+        TrainImages(source, make_transform),
         batch_size=batch_size,
         sampler=SizedSampler(sampler, functools.partial(train_size, image_size=image_size, schedule=resolution)),
         num_workers=num_workers,
@@ -235,8 +166,8 @@ def build_train_loader(
 
 
 def build_val_loader(
-    files: Sequence[str] | shards.ShardSplit,
-    labels: Sequence[int] | None,
+    source: Source | Sequence[str],
+    labels: Sequence[int] | None = None,
     *,
     batch_size: int,
     image_size: int,
@@ -245,8 +176,11 @@ def build_val_loader(
     shard_id: int,
     num_shards: int,
 ) -> DataLoader:
-    mine = val_indices(len(files), shard_id=shard_id, num_shards=num_shards)
-    dataset = ImageFiles(_images(files, labels), val_transform(image_size, val_resize), ids=mine)
+    """This rank's validation slice (``Source.val_ids``), whole, in order; ``source`` as for
+    :func:`build_train_loader`."""
+    source = as_source(source, labels)
+    mine = source.val_ids(shard_id=shard_id, num_shards=num_shards)
+    dataset = ImageFiles(source, val_transform(image_size, val_resize), ids=mine)
     return DataLoader(
         dataset,
         batch_size=batch_size,

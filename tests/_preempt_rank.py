@@ -26,10 +26,10 @@ import pytorch_lightning as pl  # noqa: E402
 from data_pipelines.datamodule import ImageNetDataModule  # noqa: E402
 from data_pipelines.specs import DataSpec  # noqa: E402
 from trainer.callbacks import AtomicCheckpointIO  # noqa: E402
-from trainer.models import build_model  # noqa: E402
+from trainer.recipe.models import build_model  # noqa: E402
 from trainer.module import Classifier  # noqa: E402
-from trainer.preemption import Preempted, RequeueOnSignal  # noqa: E402
-from trainer.specs import OptimSpec  # noqa: E402
+from trainer.cluster.preemption import Preempted, RequeueOnSignal  # noqa: E402
+from trainer.recipe.specs import OptimSpec  # noqa: E402
 from tests.test_fast_path import HOST_SYNC_OPS, _OpRecorder  # noqa: E402
 
 # The requeue command: appends the rank that ran it (only rank 0 may) to OUT/requeued.

@@ -97,9 +97,9 @@ def fit_until_interrupted(tmp_path, record, *, num_classes: int, ckpt_path=None,
     from data_pipelines.datamodule import ImageNetDataModule
     from data_pipelines.specs import DataSpec
     from trainer.callbacks import AtomicCheckpointIO
-    from trainer.models import build_model
+    from trainer.recipe.models import build_model
     from trainer.module import Classifier
-    from trainer.specs import OptimSpec
+    from trainer.recipe.specs import OptimSpec
 
     pl.seed_everything(0)
     dm = ImageNetDataModule(DataSpec(num_workers=1, seed=3, filelist_cache=False, num_classes=num_classes, **data),

@@ -14,16 +14,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-from data_pipelines import IMAGENET_MEAN, IMAGENET_STD, augment, photos
+from data_pipelines import IMAGENET_MEAN, IMAGENET_STD, augment
 from data_pipelines.datamodule import ImageNetDataModule
 from data_pipelines.sharding import EpochSampler, steps_per_epoch, train_indices
 from data_pipelines.specs import AugSpec, DataSpec
 from trainer.callbacks import SampleGrid
 from trainer.config import ConfigError, load_config
-from trainer.mixing import BatchMixing, build_mixing
-from trainer.models import build_model
+from trainer.recipe.mixing import BatchMixing, build_mixing
+from trainer.recipe.models import build_model
 from trainer.module import Classifier
-from trainer.specs import MixSpec, OptimSpec
+from trainer.recipe.specs import MixSpec, OptimSpec
+from tests import photos
 from tests.conftest import CPU_FIT, run_cli, skip_without_dali
 
 # -- config -----------------------------------------------------------------------------------

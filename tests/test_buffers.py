@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines import dali, photos
+from data_pipelines import dali
 from data_pipelines.buffers import BufferPool
+from tests import photos
 from tests.conftest import skip_without_dali
 
 SHAPE = (4, 3, 8, 8)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import check, photos
+from data_pipelines import check
 from data_pipelines.dali import DALILoader, PipelineOptions, dali_available
+from tests import photos
 
 W, H = 64, 48
 

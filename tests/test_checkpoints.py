@@ -18,10 +18,10 @@ from data_pipelines.specs import DataSpec
 from data_pipelines.sample import make_sample_tree
 from trainer.callbacks import AtomicCheckpointIO, RestartResumedEpoch
 from trainer.config import ConfigError, load_config
-from trainer.models import build_model
+from trainer.recipe.models import build_model
 from trainer.module import Classifier
-from trainer.specs import OptimSpec
-from trainer.preemption import Preempted, RequeueOnSignal, prune_hpc_checkpoints
+from trainer.recipe.specs import OptimSpec
+from trainer.cluster.preemption import Preempted, RequeueOnSignal, prune_hpc_checkpoints
 from trainer.run import fit, resume_changes
 
 # --- pruning hpc_ckpt_N.ckpt -------------------------------------------------------------------

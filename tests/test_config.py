@@ -184,7 +184,7 @@ def test_every_key_of_config_yaml_has_a_comment():
 def test_the_specs_are_built_from_the_config_once():
     from data_pipelines.specs import AugSpec, DataSpec
     from trainer.config import aug_spec, data_spec, loss_spec, mix_spec, optim_spec, schedule_spec
-    from trainer.specs import LossSpec, MixSpec, OptimSpec, ScheduleSpec
+    from trainer.recipe.specs import LossSpec, MixSpec, OptimSpec, ScheduleSpec
 
     cfg = load_config(["data.root=/x", "optim.name=lamb", "optim.betas=[0.8,0.9]", "optim.schedule=step",
                        "loss.name=bce", "aug.mixup_alpha=0.2", "aug.crop=pad_crop", "data.progressive.start_size=160",

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines import photos, sharding
+from data_pipelines import sharding
 from data_pipelines.dali import DALILoader, PipelineOptions, dali_available
+from tests import photos
 
 pytestmark = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
 

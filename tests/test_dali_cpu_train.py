@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from data_pipelines import IMAGENET_MEAN, IMAGENET_STD, normalize
-from data_pipelines import dali, photos
+from data_pipelines import dali
+from tests import photos
 
 needs_dali = pytest.mark.skipif(not dali.dali_available(), reason="NVIDIA DALI is not installed")
 

@@ -20,9 +20,9 @@ from lightning_fabric.plugins.environments import LightningEnvironment
 from torch.utils.data import DataLoader, TensorDataset
 
 from data_pipelines.sharding import EpochSampler
-from trainer.models import build_model
+from trainer.recipe.models import build_model
 from trainer.module import Classifier
-from trainer.specs import LossSpec, OptimSpec
+from trainer.recipe.specs import LossSpec, OptimSpec
 
 pytestmark = pytest.mark.slow
 

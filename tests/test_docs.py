@@ -430,7 +430,7 @@ def test_readme_test_command_is_what_ci_runs():
 def test_data_pipelines_never_import_trainer():
     """docs/design.md: imports go bench/ -> trainer/ -> data_pipelines/, never back."""
     problems = []
-    for path in sorted((REPO / "data_pipelines").glob("*.py")):
+    for path in sorted((REPO / "data_pipelines").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []

@@ -15,9 +15,9 @@ from torch import nn
 
 from tests.conftest import run_cli
 from trainer.config import ConfigError, load_config
-from trainer.ema import EMA
-from trainer.export import EMA_KEY, export_checkpoint, plain_state_dict, sidecar_path
-from trainer.pretrained import load_pretrained
+from trainer.recipe.ema import EMA
+from trainer.artifacts.export import EMA_KEY, export_checkpoint, plain_state_dict, sidecar_path
+from trainer.artifacts.pretrained import load_pretrained
 from trainer.run import build_datamodule, build_module, build_trainer, fit, validate_checkpoint
 
 DECAY = 0.9  # far from 1: a few steps move the average well away from both ends
@@ -144,7 +144,7 @@ class _Interrupt(Exception):
 
 class _StopAt(pl.Callback):
     """A checkpoint at the start of batch ``batch`` of epoch ``epoch``, as a preemption writes it
-    (trainer/preemption.py), then a stop."""
+    (trainer/cluster/preemption.py), then a stop."""
 
     def __init__(self, epoch, batch, path):
         self.at, self.path = (epoch, batch), path

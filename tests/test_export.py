@@ -13,11 +13,11 @@ import torch
 import torchvision
 
 from tests.conftest import CPU_FIT, run_cli
-from trainer.export import export_checkpoint, plain_state_dict, sidecar_path
-from trainer.models import build_model
+from trainer.artifacts.export import export_checkpoint, plain_state_dict, sidecar_path
+from trainer.recipe.models import build_model
 from trainer.module import Classifier
 from trainer.run import build_module, load_checkpoint_config
-from trainer.specs import OptimSpec
+from trainer.recipe.specs import OptimSpec
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_load_pretrained_reads_every_source_alike(trained, exported, module, ima
 
 @pytest.mark.slow
 def test_load_pretrained_never_unpickles_code(exported, tmp_path):
-    from trainer.pretrained import load_pretrained
+    from trainer.artifacts.pretrained import load_pretrained
 
     marker = tmp_path / "pwned"
 
@@ -161,7 +161,7 @@ def test_load_pretrained_never_unpickles_code(exported, tmp_path):
 @pytest.mark.slow
 def test_export_without_sidecar_or_of_a_missing_file_says_what_to_do(exported, tmp_path, capsys):
     from trainer.cli import main
-    from trainer.pretrained import load_pretrained
+    from trainer.artifacts.pretrained import load_pretrained
 
     out = tmp_path / "m.pt"
     shutil.copy(exported["torchvision"], out)  # without its sidecar
@@ -179,7 +179,7 @@ def test_load_pretrained_from_a_wandb_artifact_reference(trained, tmp_path, monk
     serves this checkpoint: what is tested is resolving the reference and loading what arrives."""
     import wandb
 
-    from trainer.pretrained import load_pretrained
+    from trainer.artifacts.pretrained import load_pretrained
 
     asked = {}
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainer.models import build_model
+from trainer.recipe.models import build_model
 from trainer.module import Classifier, sgd_implementation
-from trainer.specs import OptimSpec
+from trainer.recipe.specs import OptimSpec
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 from data_pipelines.sample import make_sample_tree
 from tests.conftest import run_cli
 from trainer.config import ConfigError, load_config
-from trainer.export import plain_state_dict
-from trainer.finetune import load_weights, read_weights
-from trainer.models import build_model
+from trainer.artifacts.export import plain_state_dict
+from trainer.artifacts.finetune import load_weights, read_weights
+from trainer.recipe.models import build_model
 from trainer.run import build_module, fit
 
 

@@ -71,16 +71,17 @@ def test_dali_gpu_reads_a_pack_as_it_reads_the_same_files(tiny_root, tiny_pack):
     epoch yields full batches of the pack's labels."""
     dali = _dali()
     from data_pipelines import shards
+    from data_pipelines.sources import PackSource
 
     manifest = shards.read_manifest(tiny_pack)
     val = _split(tiny_root, "val")
     options = dali.PipelineOptions(image_size=32, val_resize=36, num_threads=2, device="gpu", device_id=0)
-    got = _batches(dali.DALILoader(manifest.val, train=False, batch_size=8, options=options))
+    got = _batches(dali.DALILoader(PackSource(manifest.val), train=False, batch_size=8, options=options))
     want = _batches(dali.DALILoader(val.files, val.labels, train=False, batch_size=8, options=options))
     assert len(got) == len(want)
     for (xa, ya), (xb, yb) in zip(got, want):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    loader = dali.DALILoader(manifest.train, train=True, batch_size=8, options=options)
+    loader = dali.DALILoader(PackSource(manifest.train), train=True, batch_size=8, options=options)
     batches = _batches(loader)
     assert len(batches) == len(manifest.train) // 8 and all(x.shape == (8, 3, 32, 32) for x, _ in batches)
     labels = torch.cat([y for _, y in batches])

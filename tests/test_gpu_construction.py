@@ -17,9 +17,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from data_pipelines import dali, layout
-from trainer.models import build_model
+from trainer.recipe.models import build_model
 from trainer.module import Classifier
-from trainer.specs import OptimSpec
+from trainer.recipe.specs import OptimSpec
 from tests.test_fast_path import _OpRecorder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,9 +99,10 @@ def test_dali_gpu_pipelines_read_a_pack_with_the_webdataset_reader(pretend_cuda,
     with the images; the graph defines with every argument valid, and building fails only for
     want of CUDA."""
     from data_pipelines import shards
+    from data_pipelines.sources import PackSource
 
     manifest = shards.read_manifest(tiny_pack)
-    split = manifest.train if train else manifest.val
+    split = PackSource(manifest.train if train else manifest.val)
     options = dali.PipelineOptions(image_size=32, val_resize=36, device="gpu", device_id=0, num_threads=2)
     loader = dali.DALILoader(split, train=train, batch_size=4, options=options)
     pipe = loader.pipeline(range(len(split)))
@@ -258,9 +259,9 @@ def test_cpu_batches_bound_for_a_gpu_are_pinned_first(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a: False)
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(self.shape) or self)
     batch = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
-    assert dali._pinned(batch, torch.device("cuda", 0)) is batch  # noqa: SLF001
+    assert dali.transfer._pinned(batch, torch.device("cuda", 0)) is batch  # noqa: SLF001
     assert pinned == [batch.shape]
-    dali._pinned(batch, torch.device("cpu"))  # noqa: SLF001
+    dali.transfer._pinned(batch, torch.device("cpu"))  # noqa: SLF001
     assert pinned == [batch.shape], "a batch that stays on the CPU needs no pinning"
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from data_pipelines import photos
 from data_pipelines.layout import DataLayoutError, scan_dataset
 from data_pipelines.sample import make_sample_tree
+from tests import photos
 
 
 def _jpeg(path):

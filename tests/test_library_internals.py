@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 
 
 def test_lightning_per_step_sigterm_broadcast_is_where_preemption_replaces_it():
-    """trainer/preemption.py replaces ``_TrainingEpochLoop._broadcast_sigterm_tensor`` (a GPU
+    """trainer/cluster/preemption.py replaces ``_TrainingEpochLoop._broadcast_sigterm_tensor`` (a GPU
     broadcast read back every DDP step) with its own step-boundary agreement."""
     from pytorch_lightning.loops.training_epoch_loop import _TrainingEpochLoop
 
@@ -86,7 +86,7 @@ def test_torch_storage_use_count_counts_every_tensor_on_the_memory():
 
 
 def test_lightning_logs_with_batches_that_stepped_and_adds_one_on_a_mid_epoch_restore():
-    """trainer/preemption.py's ``align_log_step`` corrects ``_batches_that_stepped`` (the loggers'
+    """trainer/cluster/preemption.py's ``align_log_step`` corrects ``_batches_that_stepped`` (the loggers'
     step), which Lightning's epoch loop bumps by one on restoring a mid-epoch checkpoint."""
     import inspect
 

@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 
 from data_pipelines.synthetic import SyntheticLoader
 from trainer.callbacks import sum_over_ranks
-from trainer.models import build_model
+from trainer.recipe.models import build_model
 from trainer.module import Classifier
-from trainer.specs import LossSpec, OptimSpec
+from trainer.recipe.specs import LossSpec, OptimSpec
 
 
 def test_loss_and_metrics_get_float32_logits_under_bf16_autocast():

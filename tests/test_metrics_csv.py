@@ -79,7 +79,7 @@ def test_usr1_then_resume_logs_every_step_once_from_step_0(tiny_root, tmp_path_f
     rows = _rows(run_dir)
     assert _steps(rows, "train/loss_step") == list(range(16))  # 2 epochs x 8 steps, each once, in order
     assert _steps(rows, "val/top1") == [7, 15]  # one validation per epoch, the first from before the stop
-    from trainer.plot import read_metrics
+    from trainer.artifacts.plot import read_metrics
 
     steps, _ = read_metrics(run_dir / "metrics.csv")["train/loss_step"]
     assert steps[0] == 0 and steps == sorted(set(steps))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from trainer.models import (ARCHS, BlurConv2d, BlurMaxPool2d, CifarBlock, PlainBasicBlock, PlainBottleneck,
+from trainer.recipe.models import (ARCHS, BlurConv2d, BlurMaxPool2d, CifarBlock, PlainBasicBlock, PlainBottleneck,
                             build_model)
 
 IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
@@ -169,7 +169,7 @@ def test_blur_max_pool_is_a_stride_1_max_then_a_strided_blur():
 
 
 def test_export_of_a_blurpool_net_rebuilds_it_and_names_no_torchvision_builder():
-    from trainer.export import build_network, checkpoint_metadata
+    from trainer.artifacts.export import build_network, checkpoint_metadata
 
     ckpt = {"hyper_parameters": {"config": {"model": {"arch": "resnet18", "blurpool": True},
                                             "data": {"val_resize": 36, "image_size": 32}},

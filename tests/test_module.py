@@ -7,9 +7,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from trainer.models import build_model
+from trainer.recipe.models import build_model
 from trainer.module import Classifier, param_groups, warmup_cosine
-from trainer.specs import OptimSpec, ScheduleSpec
+from trainer.recipe.specs import OptimSpec, ScheduleSpec
 
 
 def test_warmup_reaches_peak_at_its_last_step_and_cosine_ends_at_zero():

@@ -15,12 +15,12 @@ from torch import nn
 
 from tests.conftest import CPU_FIT, run_cli
 from trainer.config import ConfigError, load_config
-from trainer.losses import LOSSES, build_loss
+from trainer.recipe.losses import LOSSES, build_loss
 from trainer.module import Classifier, param_groups
-from trainer.optim import OPTIMIZERS, build_optimizer
+from trainer.recipe.optim import OPTIMIZERS, build_optimizer
 from trainer.run import build_module, fit, load_checkpoint_config, resume_changes
-from trainer.schedules import SCHEDULES, schedule, warmup_cosine, warmup_linear, warmup_poly, warmup_step
-from trainer.specs import LossSpec, OptimSpec, ScheduleSpec
+from trainer.recipe.schedules import SCHEDULES, schedule, warmup_cosine, warmup_linear, warmup_poly, warmup_step
+from trainer.recipe.specs import LossSpec, OptimSpec, ScheduleSpec
 
 # --- config keys -------------------------------------------------------------------------------
 
@@ -89,7 +89,8 @@ WARM, TOTAL = 25, 400
 
 
 def test_warmup_cosine_is_importable_from_the_module_as_before():
-    from trainer import module, schedules
+    from trainer import module
+    from trainer.recipe import schedules
 
     assert module.warmup_cosine is schedules.warmup_cosine
 

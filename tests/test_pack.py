@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipelines import layout, pack as packing, photos
+from data_pipelines import layout, pack as packing
 from data_pipelines.shards import FORMAT, INDEX_VERSION, MANIFEST, SPLITS, VERSION, read_manifest
+from tests import photos
 from tests.conftest import REPO, run_cli, skip_without_dali
 
 SHARD = "64KB"  # about 15 of the tree's images a shard: several shards per split

@@ -1,4 +1,4 @@
-"""The shared photo-like JPEGs (data_pipelines/photos.py) of the tests and benchmarks: the layout
+"""The shared photo-like JPEGs (tests/photos.py) of the tests and benchmarks: the layout
 asked for, ImageNet-like file sizes, and the same bytes for the same seed."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import photos
 from data_pipelines.layout import scan_split
+from tests import photos
 
 
 def _tree_bytes(root):

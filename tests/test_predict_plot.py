@@ -68,7 +68,7 @@ def test_predict_text_output_and_a_bad_file(run_dir, sample3, tmp_path, capsys):
 
 
 def _csv_series(path: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """The metrics file read independently of trainer.plot."""
+    """The metrics file read independently of trainer.artifacts.plot."""
     out: dict[str, tuple[list[int], list[float]]] = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
@@ -84,7 +84,7 @@ def _csv_series(path: Path) -> dict[str, tuple[list[int], list[float]]]:
 def test_plot_draws_the_runs_own_metrics_into_a_png(run_dir, tmp_path):
     from PIL import Image
 
-    from trainer.plot import plot_run
+    from trainer.artifacts.plot import plot_run
 
     proc = run_cli("plot", str(run_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]

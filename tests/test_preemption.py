@@ -4,12 +4,14 @@ resumed run trains on exactly what an uninterrupted run trains on.
 tests/slurm/test_train_on_slurm.py does the same through sbatch."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,11 +20,11 @@ import torch
 
 from data_pipelines.datamodule import ImageNetDataModule
 from data_pipelines.specs import DataSpec
-from trainer.models import build_model
+from trainer.recipe.models import build_model
 from trainer.module import Classifier
 from tests.conftest import pack_with_cli, skip_without_dali
-from trainer.preemption import Preempted, RequeueOnSignal, next_hpc_path, requeue_command
-from trainer.specs import OptimSpec
+from trainer.cluster.preemption import Preempted, RequeueOnSignal, next_hpc_path, requeue_command
+from trainer.recipe.specs import OptimSpec
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("_preempt_rank.py")
@@ -66,15 +68,20 @@ def _run_ranks(root: Path, out: Path, signal_at: str, resume: Path | None = None
     procs = [
         subprocess.Popen([sys.executable, str(WORKER), str(root), str(out), str(rank), port, signal_at, backend,
                           *([str(resume)] if resume else [])],
-                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)  # its own process group: see the kill below
         for rank in (0, 1)
     ]
+    deadline = time.monotonic() + timeout
     try:
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+        logs = [p.communicate(timeout=max(deadline - time.monotonic(), 1))[0] for p in procs]
     except subprocess.TimeoutExpired:
+        # Each rank's whole group: a DataLoader worker left alive would hold the pipe open, and
+        # reading the logs would then wait for ever.
         for p in procs:
-            p.kill()
-        logs = [p.communicate()[0] for p in procs]
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+        logs = [p.communicate(timeout=60)[0] for p in procs]
         pytest.fail(f"ranks still running after {timeout:.0f}s (a deadlock):\n" + "\n".join(log[-3000:] for log in logs))
     for rank, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{log[-4000:]}"

@@ -1,6 +1,6 @@
 """DALI's validation preprocessing agrees with torchvision's on the same JPEGs.
 
-Measured here (224 crop of 256 resize, photo-like 500x375 JPEGs of data_pipelines/photos.py with a
+Measured here (224 crop of 256 resize, photo-like 500x375 JPEGs of tests/photos.py with a
 sharp-edged shape pasted in): mean |difference| 0.010-0.012 in normalised units (about 0.6 of a grey
 level) where the image is resized, once both crop at the same offset; a crop one pixel off differs
 by 0.17-0.26. When the resized side minus the crop is odd, the two centre crops sit one pixel
@@ -17,9 +17,9 @@ from torchvision import transforms as T
 pytest.importorskip("nvidia.dali")
 
 from data_pipelines.dali import DALILoader, PipelineOptions  # noqa: E402
-from data_pipelines.photos import photo  # noqa: E402
 from data_pipelines.sample import render  # noqa: E402
 from data_pipelines.torchvision_loader import IMAGENET_MEAN, IMAGENET_STD, load_rgb  # noqa: E402
+from tests.photos import photo  # noqa: E402
 
 MEAN_ABS_TOLERANCE = 0.015  # normalised units; measured 0.010-0.012
 

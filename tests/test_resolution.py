@@ -9,9 +9,9 @@ import torch
 
 from data_pipelines.resolution import ResolutionSchedule
 from trainer.config import ConfigError, load_config
-from trainer.models import build_model
+from trainer.recipe.models import build_model
 from trainer.module import Classifier
-from trainer.specs import OptimSpec
+from trainer.recipe.specs import OptimSpec
 from tests.conftest import CPU_FIT, Interrupt, fit_until_interrupted, run_cli, skip_without_dali
 
 

@@ -7,7 +7,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from data_pipelines import photos
+from tests import photos
 from tests.conftest import Interrupt, fit_until_interrupted, pack_with_cli, skip_without_dali
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ def one_image_per_class_packed(one_image_per_class, tmp_path_factory):
 class Record(pl.Callback):
     """Records the labels (here: the sample ids) of every batch trained; with ``stop_at`` = (epoch,
     batch), saves a checkpoint there and stops: at that batch's start (before it is trained, as
-    trainer/preemption.py does) or at its end (after, as ModelCheckpoint does)."""
+    trainer/cluster/preemption.py does) or at its end (after, as ModelCheckpoint does)."""
 
     def __init__(self, stop_at=None, ckpt=None, where="start"):
         self.seen, self.stop_at, self.ckpt, self.where = [], stop_at, ckpt, where

@@ -114,13 +114,14 @@ def test_dali_decodes_crops_and_augments_a_pack_exactly_as_the_same_files(tiny_p
     identical validation batches."""
     skip_without_dali()
     from data_pipelines.dali import DALILoader, PipelineOptions
+    from data_pipelines.sources import PackSource
 
     manifest = shards.read_manifest(tiny_pack)
     train, _ = layout.scan_dataset(tiny_root)
     label_of = dict(zip(train.files, train.labels))
     files = [str(_source_file(tiny_root, manifest.train, i)) for i in range(len(manifest.train))]
     options = PipelineOptions(image_size=32, device="cpu", num_threads=2, auto_augment="trivial_wide")
-    from_shards = DALILoader(manifest.train, train=True, batch_size=8, seed=4, options=options)
+    from_shards = DALILoader(PackSource(manifest.train), train=True, batch_size=8, seed=4, options=options)
     from_files = DALILoader(files, [label_of[f] for f in files], train=True, batch_size=8, seed=4, options=options)
     ids = shards.train_ids(manifest.train, epoch=0, seed=4, shard_id=0, num_shards=1, batch_size=8)
     pipes = [loader.pipeline(ids) for loader in (from_shards, from_files)]
@@ -139,7 +140,8 @@ def test_dali_decodes_crops_and_augments_a_pack_exactly_as_the_same_files(tiny_p
     _, val = layout.scan_dataset(tiny_root)
     val_options = PipelineOptions(image_size=32, val_resize=36, device="cpu", num_threads=2)
     for rank in (0, 1):
-        a = list(DALILoader(manifest.val, train=False, batch_size=3, shard_id=rank, num_shards=2, options=val_options))
+        a = list(DALILoader(PackSource(manifest.val), train=False, batch_size=3, shard_id=rank, num_shards=2,
+                            options=val_options))
         b = list(DALILoader(val.files, val.labels, train=False, batch_size=3, shard_id=rank, num_shards=2,
                             options=val_options))
         assert len(a) == len(b) == 4  # 10 images per rank: 3 + 3 + 3 + 1, no padding
@@ -150,6 +152,7 @@ def test_dali_decodes_crops_and_augments_a_pack_exactly_as_the_same_files(tiny_p
 def test_the_dali_training_loader_feeds_the_shard_order_and_resumes_inside_it(tiny_pack):
     skip_without_dali()
     from data_pipelines.dali import DALILoader, PipelineOptions
+    from data_pipelines.sources import PackSource
 
     manifest = shards.read_manifest(tiny_pack)
     options = PipelineOptions(image_size=32, device="cpu", num_threads=2, output_device=None)
@@ -163,7 +166,8 @@ def test_the_dali_training_loader_feeds_the_shard_order_and_resumes_inside_it(ti
         return [[_label(manifest.train, i) for i in ids[k : k + 4]] for k in range(0, len(ids), 4)]
 
     for rank in (0, 1):
-        loader = DALILoader(manifest.train, train=True, batch_size=4, shard_id=rank, num_shards=2, seed=2, options=options)
+        loader = DALILoader(PackSource(manifest.train), train=True, batch_size=4, shard_id=rank, num_shards=2, seed=2,
+                            options=options)
         assert labels(loader) == expected(rank, 0)
         assert labels(loader) == expected(rank, 1)  # the loader moved on to epoch 1 by itself
         loader.seek(1, 3)
@@ -179,17 +183,19 @@ def _label(split: shards.ShardSplit, sample: int) -> int:
 
 
 def test_torchvision_reads_a_pack_exactly_as_the_same_files(tiny_pack, tiny_root):
+    from data_pipelines.sources import PackSource
     from data_pipelines.torchvision_loader import build_train_loader, build_val_loader
 
     manifest = shards.read_manifest(tiny_pack)
     _, val = layout.scan_dataset(tiny_root)
     for rank in (0, 1):
         common = dict(batch_size=3, image_size=32, val_resize=36, num_workers=0, shard_id=rank, num_shards=2)
-        a, b = list(build_val_loader(manifest.val, None, **common)), list(build_val_loader(val.files, val.labels, **common))
+        a = list(build_val_loader(PackSource(manifest.val), **common))
+        b = list(build_val_loader(val.files, val.labels, **common))
         assert len(a) == len(b) == 4
         for (xa, ya), (xb, yb) in zip(a, b):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    loader = build_train_loader(manifest.train, None, batch_size=4, image_size=32, num_workers=2, seed=2,
+    loader = build_train_loader(PackSource(manifest.train), batch_size=4, image_size=32, num_workers=2, seed=2,
                                 shard_id=1, num_shards=2)
     ids = shards.train_ids(manifest.train, epoch=0, seed=2, shard_id=1, num_shards=2, batch_size=4)
     assert [y.tolist() for _, y in loader] == [[_label(manifest.train, i) for i in ids[k : k + 4]]
@@ -238,6 +244,7 @@ def test_an_image_damaged_inside_a_shard_stops_every_backend_naming_the_shard(ti
     zeroed): the error names the shard and says how to check or rebuild it, on DALI and torchvision."""
     import shutil
 
+    from data_pipelines.sources import PackSource
     from data_pipelines.torchvision_loader import build_val_loader
 
     broken = tmp_path / "pack"
@@ -249,12 +256,12 @@ def test_an_image_damaged_inside_a_shard_stops_every_backend_naming_the_shard(ti
         tar.write(bytes(int(fields[2])))
     victim = str(split.shards[0].tar)
     with pytest.raises(RuntimeError, match=f"cannot decode image {victim} \\(image 1 of its index\\)"):
-        list(build_val_loader(split, None, batch_size=4, image_size=32, val_resize=36, num_workers=0,
+        list(build_val_loader(PackSource(split), batch_size=4, image_size=32, val_resize=36, num_workers=0,
                               shard_id=0, num_shards=1))
     skip_without_dali()
     from data_pipelines.dali import DALILoader, PipelineOptions
 
-    loader = DALILoader(split, train=False, batch_size=4,
+    loader = DALILoader(PackSource(split), train=False, batch_size=4,
                         options=PipelineOptions(image_size=32, val_resize=36, device="cpu", num_threads=1))
     with pytest.raises(RuntimeError) as stopped:
         list(loader)

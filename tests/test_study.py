@@ -13,14 +13,14 @@ from torch import nn
 from trainer.cli import main
 from trainer.config import load_config
 from trainer.module import Classifier
-from trainer.specs import OptimSpec
-from trainer.study import STUDIES, read_curves, write_report
+from trainer.recipe.specs import OptimSpec
+from trainer.artifacts.study import STUDIES, read_curves, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _logged_errors(csv_path: Path) -> dict[str, dict[int, float]]:
-    """1 - top-1 per epoch (1-based) as the run logged it, read independently of trainer.study."""
+    """1 - top-1 per epoch (1-based) as the run logged it, read independently of trainer.artifacts.study."""
     out: dict[str, dict[int, float]] = {"train": {}, "val": {}}
     with open(csv_path, newline="") as f:
         for row in csv.DictReader(f):

@@ -3,7 +3,7 @@
     imagenet-trainer VERB [experiment=NAME] [key=value ...]
 
 Config errors exit with code 2 and a message naming the key, before anything heavy starts.
-``fit`` stopped by SIGUSR1 or SIGTERM checkpoints first (trainer/preemption.py), then exits 0 when
+``fit`` stopped by SIGUSR1 or SIGTERM checkpoints first (trainer/cluster/preemption.py), then exits 0 when
 the job was requeued (it resumes), 143 on SIGTERM, 3 when the requeue failed.
 """
 from __future__ import annotations
@@ -127,7 +127,7 @@ def _add_fit(sub) -> None:
 def _run_fit(args: argparse.Namespace) -> int:
     """Train; 0 when done (a summary printed on rank 0), or the preemption's exit code."""
     cfg = load_config(args.overrides)
-    from trainer.preemption import Preempted
+    from trainer.cluster.preemption import Preempted
     from trainer.run import fit
 
     try:
@@ -231,7 +231,7 @@ def _add_submit(sub) -> None:
                                    "devices per node come from the allocation.",
                        epilog="Example:\n  imagenet-trainer submit --nodes 2 --gpus-per-node 8 --time 48:00:00 \\\n"
                               "      experiment=rn50_90ep data.root=/datasets/imagenet")
-    from trainer.slurm import add_job_arguments
+    from trainer.cluster.slurm import add_job_arguments
 
     add_job_arguments(p)
     p.add_argument("--job-name", default=None, help="default: experiment name, else imagenet-trainer")
@@ -243,7 +243,7 @@ def _add_submit(sub) -> None:
 
 def _run_submit(args: argparse.Namespace) -> int:
     """Render the job script and sbatch it (or print it); submit's exit code."""
-    from trainer.slurm import job_spec, submit
+    from trainer.cluster.slurm import job_spec, submit
 
     # A bad override fails here, not after hours in the queue; ${oc.env:...} values are the job's.
     cfg = load_config(args.overrides, job_env=True)
@@ -272,7 +272,7 @@ def _add_pack(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Decode-check every image under ROOT/train and ROOT/val (as check-data does), "
                                    "then write\nOUT/train-NNNNNN.tar, OUT/val-NNNNNN.tar with their DALI indices "
-                                   "(.idx) and OUT/manifest.json\n(data_pipelines/shards.py defines the format). "
+                                   "(.idx) and OUT/manifest.json\n(data_pipelines/pack_format.py defines the format). "
                                    "Train images go in a seeded random order, val\nimages in listing order.",
                        epilog="Exit 1 when some image does not decode (each listed; nothing written), 2 on a bad "
                               "argument or layout.\nKilled? Run it again with the same arguments: finished shards "
@@ -304,7 +304,7 @@ def _add_export(sub) -> None:
                        description="Export a Lightning checkpoint for use without this project, with a JSON sidecar "
                                    "OUT.json (arch, class names in index order, preprocessing).",
                        epilog="torchvision: torchvision.models.resnet50(num_classes=K).load_state_dict(torch.load(OUT, "
-                              "weights_only=True))\n  (resnet18/34/50/101/152; other archs: trainer.models.build_model)\n"
+                              "weights_only=True))\n  (resnet18/34/50/101/152; other archs: trainer.recipe.models.build_model)\n"
                               "onnx: input 'images' [batch, 3, crop, crop], output 'logits'; batch axis dynamic\n"
                               "Any of them loads back with trainer.load_pretrained(OUT).")
     p.add_argument("ckpt")
@@ -316,7 +316,7 @@ def _add_export(sub) -> None:
 @_model_errors
 def _run_export(args: argparse.Namespace) -> int:
     """Write the exported model and its JSON sidecar."""
-    from trainer.export import export_checkpoint
+    from trainer.artifacts.export import export_checkpoint
 
     meta = export_checkpoint(args.ckpt, args.out, args.fmt, weights=args.weights)
     print(f"wrote {meta['path']} ({args.fmt}, {meta['arch']}, {meta['num_classes']} classes, {meta['weights']} weights) "
@@ -339,8 +339,8 @@ def _add_predict(sub) -> None:
 @_model_errors
 def _run_predict(args: argparse.Namespace) -> int:
     """Print each file's top-k classes; 1 when some file could not be read, else 0."""
-    from trainer.predict import find_images, format_results, predict_files
-    from trainer.pretrained import load_pretrained
+    from trainer.artifacts.predict import find_images, format_results, predict_files
+    from trainer.artifacts.pretrained import load_pretrained
 
     if args.topk < 1 or args.batch_size < 1:
         raise ValueError(f"--topk={args.topk} and --batch-size={args.batch_size} must be at least 1")
@@ -366,7 +366,7 @@ def _add_plot(sub) -> None:
 @_model_errors
 def _run_plot(args: argparse.Namespace) -> int:
     """Draw the run's metrics.csv into a PNG."""
-    from trainer.plot import plot_run
+    from trainer.artifacts.plot import plot_run
 
     out, drawn = plot_run(args.run_dir, args.out)
     print(f"wrote {out} ({', '.join(sorted(drawn))})")
@@ -374,7 +374,7 @@ def _run_plot(args: argparse.Namespace) -> int:
 
 
 def _add_study(sub) -> None:
-    from trainer.study import STUDY_EPILOG, add_arguments as add_study_arguments
+    from trainer.artifacts.study import STUDY_EPILOG, add_arguments as add_study_arguments
 
     p = sub.add_parser("study", help="train plain and residual nets alike and plot their errors (He et al. 2015)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=STUDY_EPILOG,
@@ -384,8 +384,8 @@ def _add_study(sub) -> None:
 
 
 def _run_study(args: argparse.Namespace) -> int:
-    """The study's own exit code (trainer/study.py)."""
-    from trainer.study import main as study_main
+    """The study's own exit code (trainer/artifacts/study.py)."""
+    from trainer.artifacts.study import main as study_main
 
     return study_main(args)
 

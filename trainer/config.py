@@ -21,7 +21,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from data_pipelines.resolution import ResolutionSchedule
 from data_pipelines.specs import AugSpec, DataSpec
-from trainer.specs import LossSpec, MixSpec, OptimSpec, ScheduleSpec
+from trainer.recipe.specs import LossSpec, MixSpec, OptimSpec, ScheduleSpec
 
 BACKENDS = ("auto", "dali_gpu", "dali_cpu", "torchvision", "synthetic")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
@@ -61,7 +61,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"  # see trainer.models.ARCHS
+    arch: str = "resnet50"  # see trainer.recipe.models.ARCHS
     num_classes: Optional[int] = None  # None: the number of class folders in the data
     zero_init_residual: bool = False
     channels_last: bool = False
@@ -70,7 +70,7 @@ class ModelConfig:
     # >= 16 input channels, and max-pool then blur; no parameters added, state_dict keys unchanged.
     blurpool: bool = False
     sync_bn: bool = False  # under DDP, BatchNorm statistics over every rank's batch (SyncBatchNorm)
-    # Fine-tuning (trainer/finetune.py): weights loaded into the new network before training (not a
+    # Fine-tuning (trainer/artifacts/finetune.py): weights loaded into the new network before training (not a
     # resume: no optimiser state, epoch 0). A torchvision state_dict (torch.save), a safetensors file,
     # or one of our checkpoints (.ckpt: its EMA when it has one) or exports. A different class count
     # re-initialises the classifier (fc); any other key that does not fit is an error.
@@ -82,7 +82,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # a key of trainer.optim.OPTIMIZERS: sgd | lars | lamb (timm's) | adamw
+    name: str = "sgd"  # a key of trainer.recipe.optim.OPTIMIZERS: sgd | lars | lamb (timm's) | adamw
     # Per 256 images, for every optimiser; the run uses lr * effective batch / 256, where the
     # effective batch is data.batch_size x world size x trainer.accumulate_grad_batches.
     lr: float = 0.256
@@ -94,7 +94,7 @@ class OptimConfig:
     weight_decay: float = 3.0517578125e-05  # never on BatchNorm parameters or biases
     label_smoothing: float = 0.1
     warmup_epochs: float = 8.0  # linear warmup, then the schedule, stepped per iteration
-    # A key of trainer.schedules.SCHEDULES: cosine to zero | linear to zero (FFCV) | step (x gamma at
+    # A key of trainer.recipe.schedules.SCHEDULES: cosine to zero | linear to zero (FFCV) | step (x gamma at
     # each of milestones) | poly: (1 - progress) ** poly_power to zero (MLPerf's LARS).
     schedule: str = "cosine"
     milestones: list[float] = field(default_factory=lambda: [30.0, 60.0, 80.0])  # schedule=step: epochs
@@ -165,7 +165,7 @@ class LoggerConfig:
 class AugConfig:
     # Training augmentation. auto_augment and random_erasing run where the backend decodes (DALI's
     # auto_aug on dali_gpu/dali_cpu, torchvision.transforms.v2 on torchvision); MixUp/CutMix on the
-    # batch on the training device, for every backend (trainer/mixing.py).
+    # batch on the training device, for every backend (trainer/recipe/mixing.py).
     auto_augment: str = "none"  # one of AUTO_AUGMENTS: none | trivial_wide | rand_augment (2 ops, magnitude 9)
     random_erasing: float = 0.0  # probability per image (torchvision's RandomErasing); 0: off
     mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing weight; 0: off
@@ -186,7 +186,7 @@ class EvalConfig:
 
 @dataclass
 class EmaConfig:
-    # An exponential moving average of the weights and BatchNorm statistics (trainer/ema.py), kept in
+    # An exponential moving average of the weights and BatchNorm statistics (trainer/recipe/ema.py), kept in
     # float32 and validated every epoch as val_ema/*; None: off. E.g. 0.9999 (per optimiser step).
     decay: Optional[float] = None
     every_n_steps: int = 1  # update after every N-th optimiser step (the decay applies per update)
@@ -328,10 +328,10 @@ def from_saved(saved: dict, source: str) -> DictConfig:
 
 def validate(cfg: DictConfig) -> None:
     """Checks the schema cannot express: choices, ranges, interpolations that resolve."""
-    from trainer.losses import LOSSES
-    from trainer.models import ARCHS  # light import: torch is already needed by every verb
-    from trainer.optim import OPTIMIZERS
-    from trainer.schedules import SCHEDULES
+    from trainer.recipe.losses import LOSSES
+    from trainer.recipe.models import ARCHS  # light import: torch is already needed by every verb
+    from trainer.recipe.optim import OPTIMIZERS
+    from trainer.recipe.schedules import SCHEDULES
 
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

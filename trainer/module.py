@@ -14,12 +14,12 @@ from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from trainer import schedules
-from trainer.losses import build_loss
-from trainer.mixing import build_mixing
-from trainer.optim import build_optimizer, optimizer_entry
-from trainer.schedules import warmup_cosine  # noqa: F401 - importable from here, as before schedules.py
-from trainer.specs import LossSpec, MixSpec, OptimSpec, ScheduleSpec, as_plain
+from trainer.recipe import schedules
+from trainer.recipe.losses import build_loss
+from trainer.recipe.mixing import build_mixing
+from trainer.recipe.optim import build_optimizer, optimizer_entry
+from trainer.recipe.schedules import warmup_cosine  # noqa: F401 - importable from here, as before schedules.py
+from trainer.recipe.specs import LossSpec, MixSpec, OptimSpec, ScheduleSpec, as_plain
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -79,7 +79,7 @@ def clips_under_amp(trainer: pl.Trainer) -> bool:
 class Classifier(pl.LightningModule):
     """Image classification: a loss (``loss``: ce or bce), an optimiser (``optim``: sgd, lars, lamb or
     adamw) and a per-iteration lr schedule (``schedule``) after a linear warmup, each a spec
-    (trainer/specs.py). The defaults are cross-entropy and warmup + cosine, as before these choices
+    (trainer/recipe/specs.py). The defaults are cross-entropy and warmup + cosine, as before these choices
     existed.
 
     ``config`` (the resolved run config, a plain dict) and ``classes`` (class names in index

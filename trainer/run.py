@@ -18,15 +18,15 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
 from data_pipelines.datamodule import ImageNetDataModule
-from trainer import preemption, slurm
+from trainer.cluster import preemption, slurm
 from trainer.callbacks import (AtomicCheckpointIO, BestAndLastCheckpoint, PlainProgress, ProgressBar,
                                RecordSamples, ReleaseValidationPipelines, RestartResumedEpoch, SampleGrid,
                                Throughput)
 from trainer.config import (ConfigError, apply_overrides, aug_spec, data_spec, from_saved, loss_spec, mix_spec,
                             optim_spec, require_init_from, schedule_spec, to_dict, to_yaml, validate)
-from trainer.export import checkpoint_weights
-from trainer.finetune import HEAD, freeze_backbone, load_weights, read_weights
-from trainer.models import build_model
+from trainer.artifacts.export import checkpoint_weights
+from trainer.artifacts.finetune import HEAD, freeze_backbone, load_weights, read_weights
+from trainer.recipe.models import build_model
 from trainer.metrics_csv import RunCSVLogger, first_logged_step
 from trainer.module import Classifier
 
@@ -159,7 +159,7 @@ def _plugins(alloc: slurm.Allocation | None) -> list:
     plugins: list = [AtomicCheckpointIO()]
     if alloc is not None:
         # Lightning's own USR1 handler checkpoints inside the signal handler and can deadlock
-        # DDP; RequeueOnSignal checkpoints at a step every rank agrees on (trainer/preemption.py).
+        # DDP; RequeueOnSignal checkpoints at a step every rank agrees on (trainer/cluster/preemption.py).
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return plugins
 
@@ -184,9 +184,9 @@ def _callbacks(cfg: DictConfig, run_dir: Path, for_fit: bool, *, alloc: slurm.Al
     if for_fit:
         callbacks.append(_signal_handling(cfg, run_dir, alloc))
         if cfg.ema.decay is not None:
-            from trainer.ema import EMA  # imports timm when the fit starts
+            from trainer.recipe.ema import EMA  # imports timm when the fit starts
 
-            # Validated as val_ema/* beside val/*; kept in every checkpoint (trainer/ema.py).
+            # Validated as val_ema/* beside val/*; kept in every checkpoint (trainer/recipe/ema.py).
             callbacks.append(EMA(cfg.ema.decay, cfg.ema.every_n_steps))
         callbacks += [
             # best-epochNNN.ckpt (best val top-1) and last.ckpt (the newest state, every epoch).
@@ -271,7 +271,7 @@ def _metrics(trainer: pl.Trainer) -> dict:
 def resume_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint a fit in ``run_dir`` resumes from: the newer of ``checkpoints/last.ckpt``
     (end of each epoch) and the newest ``hpc_ckpt_N.ckpt`` (written on SLURM's USR1 by
-    trainer/preemption.py, mid-epoch). Both are written atomically, so neither can be a half-written file."""
+    trainer/cluster/preemption.py, mid-epoch). Both are written atomically, so neither can be a half-written file."""
     candidates = [run_dir / "checkpoints" / "last.ckpt"]
     candidates += [path for _, path in preemption.hpc_checkpoints(run_dir)[-1:]]
     existing = [p for p in candidates if p.is_file()]

@@ -1,7 +1,9 @@
 """A real two-node SLURM cluster for tests (see tests/slurm/cluster.sh).
 
-Fixture ``slurm_cluster`` (session scope) brings the cluster up once per pytest session and
-always tears it down (``cluster.sh down``), also on failures and Ctrl-C.  It skips, with the
+Fixture ``slurm_cluster`` (package scope) brings the cluster up once for the tests of this folder
+and always tears it down after the last of them (``cluster.sh down``), also on failures and Ctrl-C:
+its daemons, and any job a test left behind, must not share the CPUs with the rest of the suite.
+Every test's jobs are cancelled when it ends.  It skips, with the
 reason, where the cluster cannot be built: not root, no usable ``ip netns``, neither SLURM
 nor ``apt-get`` present, or the packages cannot be installed.
 
@@ -175,9 +177,9 @@ def _cluster_sh(cmd: str, env: Dict[str, str], timeout: float) -> subprocess.Com
                           text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def slurm_cluster():
-    """Bring up the 2-node cluster for this session; always tear it down afterwards."""
+    """Bring up the 2-node cluster for tests/slurm/; always tear it down afterwards."""
     reason = _skip_reason()
     if reason:
         pytest.skip(f"slurm_cluster: {reason}")
@@ -224,3 +226,12 @@ def slurm_cluster():
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
             lock.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_job_outlives_its_test(request):
+    """Cancel whatever a test left queued or running (a failed assertion skips its own clean-up):
+    a job that requeues itself would otherwise train on through every later test."""
+    yield
+    if "slurm_cluster" in request.fixturenames:
+        request.getfixturevalue("slurm_cluster").cancel_all()

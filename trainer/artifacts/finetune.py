@@ -2,10 +2,11 @@
 
 ``read_weights(path)`` reads a torchvision-layout state_dict from a ``torch.save`` file (e.g.
 torchvision's own ResNet weights), a safetensors file, or one of our checkpoints (``.ckpt``: its EMA
-weights when it kept one, see trainer/ema.py) or exports; ``load_weights`` copies it into the network,
-leaving the classifier freshly initialised when the class counts differ. ``freeze_backbone`` stops
-everything but the classifier from learning. run.py's ``build_module`` calls them for
-``model.init_from`` and ``model.freeze``; nothing here reads the config.
+weights when it kept one, see trainer/recipe/ema.py) or exports; ``load_weights`` copies it into the
+network, leaving the classifier freshly initialised when the class counts differ.
+``freeze_backbone`` stops everything but the classifier from learning. trainer/run.py's
+``build_module`` calls them for ``model.init_from`` and ``model.freeze``; nothing here reads the
+config.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-HEAD = "fc"  # the classifier of every network in trainer.models.ARCHS (torchvision's name)
+HEAD = "fc"  # the classifier of every network in trainer.recipe.models.ARCHS (torchvision's name)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _LISTED = 8  # keys named in an error, the rest counted
 
@@ -44,7 +45,7 @@ def read_weights(path: str | Path, weights: Optional[str] = None) -> tuple[dict[
             f"pickled model does not load: save its state_dict instead (torch.save(model.state_dict(), PATH))"
         ) from None
     if isinstance(loaded, Mapping) and "state_dict" in loaded:
-        from trainer.export import checkpoint_weights
+        from trainer.artifacts.export import checkpoint_weights
 
         if "config" not in (loaded.get("hyper_parameters") or {}):
             raise ValueError(f"{path} is a checkpoint but not an imagenet-trainer one (no config in its "

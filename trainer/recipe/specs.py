@@ -20,7 +20,7 @@ class OptimSpec:
     """The optimiser (``optim.*`` in the config). ``lr`` is per 256 images (the Classifier scales it
     by the effective batch); each field names the optimisers that read it."""
 
-    name: str = "sgd"  # a key of trainer.optim.OPTIMIZERS
+    name: str = "sgd"  # a key of trainer.recipe.optim.OPTIMIZERS
     lr: float
     momentum: float = 0.9  # sgd and lars
     nesterov: bool = False  # sgd and lars
@@ -34,7 +34,7 @@ class OptimSpec:
 class ScheduleSpec:
     """The lr schedule after a linear warmup, in epochs (the Classifier turns them into steps)."""
 
-    name: str = "cosine"  # a key of trainer.schedules.SCHEDULES
+    name: str = "cosine"  # a key of trainer.recipe.schedules.SCHEDULES
     warmup_epochs: float = 0.0
     milestones: tuple[float, ...] = (30.0, 60.0, 80.0)  # step
     gamma: float = 0.1  # step
@@ -44,13 +44,13 @@ class ScheduleSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class LossSpec:
-    name: str = "ce"  # a key of trainer.losses.LOSSES
+    name: str = "ce"  # a key of trainer.recipe.losses.LOSSES
     label_smoothing: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
 class MixSpec:
-    """MixUp/CutMix of each training batch (trainer/mixing.py); both 0: off."""
+    """MixUp/CutMix of each training batch (trainer/recipe/mixing.py); both 0: off."""
 
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.slurm import add_job_arguments
+from trainer.cluster.slurm import add_job_arguments
 
 # Study name -> {recipe: default architectures}. The first recipe is the default one.
 STUDIES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -57,7 +57,7 @@ class Curves:
 
     @property
     def residual(self) -> bool:
-        from trainer.models import ARCHS
+        from trainer.recipe.models import ARCHS
 
         return ARCHS[self.arch].residual if self.arch in ARCHS else not self.arch.startswith("plain")
 
@@ -426,9 +426,9 @@ def run_local(name: str, overrides: list[str], archs: tuple[str, ...], study_dir
 
 def run_submit(name: str, overrides: list[str], archs: tuple[str, ...], study_dir: Path,
                args: argparse.Namespace) -> int:
-    """One SLURM job per net (trainer/slurm.py), each training into ``study_dir/<arch>``."""
+    """One SLURM job per net (trainer/cluster/slurm.py), each training into ``study_dir/<arch>``."""
+    from trainer.cluster.slurm import job_spec, submit
     from trainer.config import load_config
-    from trainer.slurm import job_spec, submit
 
     for arch in archs:
         cfg = load_config(arch_overrides(overrides, arch, study_dir))  # a bad override fails before sbatch
@@ -525,7 +525,7 @@ def main(args: argparse.Namespace) -> int:
     name = args.name
     archs = tuple(a.strip() for a in args.archs.split(",") if a.strip()) if args.archs else None
     if archs:
-        from trainer.models import ARCHS
+        from trainer.recipe.models import ARCHS
 
         unknown = [a for a in archs if a not in ARCHS]
         if unknown:

@@ -9,7 +9,7 @@ resolution (8 bits of mantissa), so a bfloat16 average would stop moving.
 Each validation logs ``val_ema/top1``, ``val_ema/top5`` and ``val_ema/loss`` beside the raw model's
 ``val/*``. Every checkpoint Lightning writes (``last.ckpt``, ``best-*``, the preemption
 ``hpc_ckpt_N.ckpt``) holds the average under ``checkpoint["callbacks"]["EMA"]``, and a resumed fit
-continues it. ``trainer.export.ema_state_dict`` and ``choose_weights`` read it back for export,
+continues it. ``trainer.artifacts.export.ema_state_dict`` and ``choose_weights`` read it back for export,
 validate, predict and load_pretrained (``--weights ema|raw``); they live there, beside the reading of
 the raw weights, so that those verbs need not import Lightning or timm.
 
@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from trainer.export import EMA_KEY
+from trainer.artifacts.export import EMA_KEY
 
 log = logging.getLogger("imagenet_trainer")
 

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from trainer.specs import OptimSpec
+from trainer.recipe.specs import OptimSpec
 
 
 def layerwise_adaptation(groups: list[dict]) -> list[dict]:

@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from trainer.pretrained import Pretrained
+from trainer.artifacts.pretrained import Pretrained
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif"}
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
-from trainer.export import METADATA_KEY, build_network, read_checkpoint, sidecar_path
+from trainer.artifacts.export import METADATA_KEY, build_network, read_checkpoint, sidecar_path
 
 ARTIFACT_PREFIX = "wandb:"
 # ENTITY/PROJECT/NAME:ALIAS, or PROJECT/NAME:ALIAS (the API key's default entity)

@@ -32,7 +32,7 @@ def sbatch_template() -> Path:
             return path
     except ModuleNotFoundError:
         pass
-    return Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
+    return Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
 
 
 @dataclass

@@ -4,7 +4,7 @@ Formats:
 
 - ``torchvision``: ``torch.save`` of a plain state_dict (tensors only). For resnet18/34/50/101/152
   ``torchvision.models.resnet50(num_classes=K).load_state_dict(sd, strict=True)`` accepts it; the
-  plain twins and CIFAR-style nets rebuild with ``trainer.models.build_model(arch, K)``.
+  plain twins and CIFAR-style nets rebuild with ``trainer.recipe.models.build_model(arch, K)``.
 - ``safetensors``: the same state_dict as safetensors (no pickle at all), with the metadata
   embedded as well.
 - ``onnx``: the network in eval mode, input ``images`` [batch, 3, crop, crop] (float, normalised
@@ -14,7 +14,7 @@ Each file gets a JSON sidecar, ``OUT.json`` (``resnet50.onnx`` -> ``resnet50.onn
 class names (wnids in index order), preprocessing (resize, crop, mean, std) and where it came from.
 
 Weights: a checkpoint of a run with ``ema.decay`` holds two sets, the trained ("raw") weights and
-their exponential moving average ("ema", trainer/ema.py); the EMA is exported unless
+their exponential moving average ("ema", trainer/recipe/ema.py); the EMA is exported unless
 ``weights="raw"`` (``--weights raw``), and the sidecar's ``weights`` says which it is.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ FORMATS = ("torchvision", "safetensors", "onnx")
 SUFFIXES = {"torchvision": ".pt", "safetensors": ".safetensors", "onnx": ".onnx"}
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 METADATA_KEY = "imagenet_trainer"  # the sidecar's JSON, inside a safetensors file's metadata
-# A checkpoint of a fit with ema.decay holds the EMA of the weights (trainer/ema.py) in
+# A checkpoint of a fit with ema.decay holds the EMA of the weights (trainer/recipe/ema.py) in
 # checkpoint["callbacks"][EMA_KEY]["state_dict"], with the network's own key names.
 EMA_KEY = "EMA"
 WEIGHTS = ("ema", "raw")  # --weights: the EMA or the raw (trained) weights of a checkpoint
@@ -177,7 +177,7 @@ def _write_sidecar(out: Path, meta: dict) -> Path:
 
 def build_network(meta: dict, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The network named in ``meta`` with ``state_dict`` loaded (strictly), in eval mode."""
-    from trainer.models import build_model
+    from trainer.recipe.models import build_model
 
     model = build_model(meta["arch"], int(meta["num_classes"]), blurpool=bool(meta.get("blurpool", False)))
     model.load_state_dict(state_dict, strict=True)
