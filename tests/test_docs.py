@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "slurm" / "README.md"]
 
 # The config's sections: a dotted name starting with one of these, in code, is a config key.
-SECTIONS = ("data", "model", "optim", "loss", "trainer", "aug", "eval", "ema", "run", "logger", "seed",
+SECTIONS = ("data", "model", "optim", "loss", "trainer", "aug", "eval", "ema", "guard", "run", "logger", "seed",
             "experiment")
 # A dotted name ending in one of these is a file name (`run.py`), not a key.
 FILE_SUFFIXES = {"py", "md", "yaml", "yml", "json", "jsonl", "sh", "png", "txt", "csv", "ckpt", "pt",

@@ -3,8 +3,10 @@
     imagenet-trainer VERB [experiment=NAME] [key=value ...]
 
 Config errors exit with code 2 and a message naming the key, before anything heavy starts.
-``fit`` stopped by SIGUSR1 or SIGTERM checkpoints first (trainer/cluster/preemption.py), then exits 0 when
-the job was requeued (it resumes), 143 on SIGTERM, 3 when the requeue failed.
+``fit`` stopped by SIGUSR1 or SIGTERM checkpoints first (trainer/cluster/preemption.py), then exits
+0 when the job was requeued (it resumes), 143 on SIGTERM, 3 when the requeue failed.
+A failed ``fit`` appends a line to RUN_DIR/failures.jsonl and exits with the code of its cause
+(trainer/cluster/exits.py: 1 crash, 10 hung, 12 a lost peer; trainer/cluster/failfast.py).
 """
 from __future__ import annotations
 
@@ -127,6 +129,7 @@ def _add_fit(sub) -> None:
 def _run_fit(args: argparse.Namespace) -> int:
     """Train; 0 when done (a summary printed on rank 0), or the preemption's exit code."""
     cfg = load_config(args.overrides)
+    from trainer.cluster.guard import Diverged
     from trainer.cluster.preemption import Preempted
     from trainer.run import fit
 
@@ -138,6 +141,20 @@ def _run_fit(args: argparse.Namespace) -> int:
         if rank_zero_only.rank == 0:
             print(f"imagenet-trainer: {stop}", file=sys.stderr)
         return stop.exit_code
+    except Diverged as stop:  # trainer/cluster/guard.py: exit code 13 on every rank
+        print(f"imagenet-trainer: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except Exception as err:
+        from trainer.cluster import exits, failfast
+
+        if failfast._is_user_error(err):  # exit 2 (main, _data_errors), as before
+            raise
+        # A line in RUN_DIR/failures.jsonl first; a lost peer exits 12, anything else is a crash:
+        # its traceback follows and the exit code is 1 (trainer/cluster/exits.py).
+        failed = failfast.on_fit_error(cfg.run.dir, err)
+        if failed is exits.CRASH:
+            raise
+        return failed.code
     if summary is None:  # not rank 0
         return 0
     print(
@@ -304,7 +321,8 @@ def _add_export(sub) -> None:
                        description="Export a Lightning checkpoint for use without this project, with a JSON sidecar "
                                    "OUT.json (arch, class names in index order, preprocessing).",
                        epilog="torchvision: torchvision.models.resnet50(num_classes=K).load_state_dict(torch.load(OUT, "
-                              "weights_only=True))\n  (resnet18/34/50/101/152; other archs: trainer.recipe.models.build_model)\n"
+                              "weights_only=True))\n"
+                              "  (resnet18/34/50/101/152; other archs: trainer.recipe.models.build_model)\n"
                               "onnx: input 'images' [batch, 3, crop, crop], output 'logits'; batch axis dynamic\n"
                               "Any of them loads back with trainer.load_pretrained(OUT).")
     p.add_argument("ckpt")

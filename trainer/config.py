@@ -70,8 +70,8 @@ class ModelConfig:
     # >= 16 input channels, and max-pool then blur; no parameters added, state_dict keys unchanged.
     blurpool: bool = False
     sync_bn: bool = False  # under DDP, BatchNorm statistics over every rank's batch (SyncBatchNorm)
-    # Fine-tuning (trainer/artifacts/finetune.py): weights loaded into the new network before training (not a
-    # resume: no optimiser state, epoch 0). A torchvision state_dict (torch.save), a safetensors file,
+    # Fine-tuning (trainer/artifacts/finetune.py): weights loaded into the new network before
+    # training (not a resume: no optimiser state, epoch 0). A torchvision state_dict (torch.save), a safetensors file,
     # or one of our checkpoints (.ckpt: its EMA when it has one) or exports. A different class count
     # re-initialises the classifier (fc); any other key that does not fit is an error.
     init_from: Optional[str] = None
@@ -94,8 +94,8 @@ class OptimConfig:
     weight_decay: float = 3.0517578125e-05  # never on BatchNorm parameters or biases
     label_smoothing: float = 0.1
     warmup_epochs: float = 8.0  # linear warmup, then the schedule, stepped per iteration
-    # A key of trainer.recipe.schedules.SCHEDULES: cosine to zero | linear to zero (FFCV) | step (x gamma at
-    # each of milestones) | poly: (1 - progress) ** poly_power to zero (MLPerf's LARS).
+    # A key of trainer.recipe.schedules.SCHEDULES: cosine to zero | linear to zero (FFCV) | step
+    # (x gamma at each of milestones) | poly: (1 - progress) ** poly_power to zero (MLPerf's LARS).
     schedule: str = "cosine"
     milestones: list[float] = field(default_factory=lambda: [30.0, 60.0, 80.0])  # schedule=step: epochs
     gamma: float = 0.1  # schedule=step: the lr's factor at each milestone
@@ -141,6 +141,13 @@ class RunConfig:
     keep_hpc_checkpoints: Optional[int] = 2  # newest preemption checkpoints (hpc_ckpt_N) kept; None: all
     # Debugging: append every trained batch's labels, per rank, to PATH.rank<R>.jsonl (see docs/training.md).
     record_samples: Optional[str] = None
+    # Failing fast (docs/clusters.md#when-things-fail): the process groups' timeout until the first
+    # training step has run (start-up: data staging, compilation) and after it (a lost peer ends a
+    # collective that soon); the step-progress watchdog (None: off); requeues after failures (SLURM).
+    pg_timeout_init_s: float = 600
+    pg_timeout_s: float = 120
+    hang_timeout_s: Optional[float] = None
+    max_restarts: int = 3
 
 
 @dataclass
@@ -186,10 +193,32 @@ class EvalConfig:
 
 @dataclass
 class EmaConfig:
-    # An exponential moving average of the weights and BatchNorm statistics (trainer/recipe/ema.py), kept in
-    # float32 and validated every epoch as val_ema/*; None: off. E.g. 0.9999 (per optimiser step).
+    # An exponential moving average of the weights and BatchNorm statistics (trainer/recipe/ema.py),
+    # kept in float32 and validated every epoch as val_ema/*; None: off. E.g. 0.9999 (per optimiser step).
     decay: Optional[float] = None
     every_n_steps: int = 1  # update after every N-th optimiser step (the decay applies per update)
+
+
+@dataclass
+class GuardConfig:
+    # Non-finite steps and loss spikes (trainer/guard.py, docs/training.md "Non-finite losses").
+    # true: a step whose all-reduced gradients are not finite is skipped on every rank (weights,
+    # optimiser state and BatchNorm statistics stay as before it), decided on the device.
+    enabled: bool = True
+    # Consecutive skipped steps that roll the run back to its newest checkpoint: a few stray NaNs are
+    # skipped; a run that keeps producing them has diverged. 16-mixed's loss scaler skips its first
+    # overflowing steps too (a handful), well under this.
+    max_skips: int = 20
+    # A step's loss more than this many standard deviations above the mean of the previous
+    # guard.window steps' losses is a spike and rolls the run back; None: off (the loss of a healthy
+    # run is noisy: set it from its curve, e.g. 6).
+    spike_zscore: Optional[float] = None
+    window: int = 100  # steps of loss history the spike z-score is taken over (at least 10)
+    # Rollbacks (newest checkpoint, the batches since it skipped) before the run stops as diverged (exit 13).
+    max_rollbacks: int = 3
+    # The host reads the skip count and losses back every N optimiser steps (one small read, then
+    # the decision all-reduced); the training step itself makes no host sync.
+    check_every_n_steps: int = 50
 
 
 @dataclass
@@ -202,6 +231,7 @@ class Config:
     aug: AugConfig = field(default_factory=AugConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
@@ -373,9 +403,40 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.warmup_epochs={cfg.optim.warmup_epochs} must be 0 or more")
     _validate_optim(cfg.optim)
     _validate_ema_and_finetune(cfg)
+    _validate_failure_handling(cfg.run)
+    _validate_guard(cfg.guard)
     devices = cfg.trainer.devices
     if not (devices == "auto" or (isinstance(devices, int) and devices > 0)):
         raise ConfigError(f"trainer.devices={devices!r} must be a positive int or 'auto'")
+
+
+def _validate_guard(guard: DictConfig) -> None:
+    """guard.*: counts of at least 1 (max_rollbacks: 0 or more), a positive spike z-score or None."""
+    for key in ("max_skips", "check_every_n_steps"):
+        if guard[key] < 1:
+            raise ConfigError(f"guard.{key}={guard[key]} must be at least 1")
+    if guard.window < 10:
+        raise ConfigError(f"guard.window={guard.window} must be at least 10 steps (a z-score needs a history)")
+    if guard.max_rollbacks < 0:
+        raise ConfigError(f"guard.max_rollbacks={guard.max_rollbacks} must be 0 or more (0: stop at the first)")
+    if guard.spike_zscore is not None and guard.spike_zscore <= 0:
+        raise ConfigError(f"guard.spike_zscore={guard.spike_zscore} must be positive (e.g. 6), or null (off)")
+
+
+def _validate_failure_handling(run: DictConfig) -> None:
+    """The timeouts of trainer/cluster/failfast.py. No order between hang_timeout_s and the pg
+    timeouts is required: the watchdog ends every rank that makes no progress, whether stuck in its
+    own code or in a collective waiting for a stuck peer, so every rank exits within hang_timeout_s
+    (plus the dump) whichever is shorter; the pg timeout is the bound when the watchdog is off."""
+    for key in ("pg_timeout_init_s", "pg_timeout_s", "hang_timeout_s"):
+        value = run[key]
+        if value is not None and value <= 0:
+            raise ConfigError(f"run.{key}={value} must be positive (seconds)")
+    if run.pg_timeout_s > run.pg_timeout_init_s:
+        raise ConfigError(f"run.pg_timeout_s={run.pg_timeout_s} is longer than run.pg_timeout_init_s="
+                          f"{run.pg_timeout_init_s}: the start-up timeout is the long one")
+    if run.max_restarts < 0:
+        raise ConfigError(f"run.max_restarts={run.max_restarts} must be 0 or more")
 
 
 def _batch_limit(key: str, value: Any) -> None:

@@ -1,7 +1,8 @@
 """The LightningModule: model, loss, optimiser, learning-rate schedule and metrics.
 
 Data belongs to the DataModule and launching to the CLI; nothing here reads the config.
-The losses, optimisers and schedules themselves are in ``losses.py``, ``optim.py`` and ``schedules.py``.
+The network, losses, optimisers, schedules and mixing themselves are the recipe's parts
+(trainer/recipe/: ``models.py``, ``losses.py``, ``optim.py``, ``schedules.py``, ``mixing.py``).
 """
 from __future__ import annotations
 
@@ -79,8 +80,8 @@ def clips_under_amp(trainer: pl.Trainer) -> bool:
 class Classifier(pl.LightningModule):
     """Image classification: a loss (``loss``: ce or bce), an optimiser (``optim``: sgd, lars, lamb or
     adamw) and a per-iteration lr schedule (``schedule``) after a linear warmup, each a spec
-    (trainer/recipe/specs.py). The defaults are cross-entropy and warmup + cosine, as before these choices
-    existed.
+    (trainer/recipe/specs.py). The defaults are cross-entropy and warmup + cosine, as before these
+    choices existed.
 
     ``config`` (the resolved run config, a plain dict) and ``classes`` (class names in index
     order) are saved in every checkpoint, so a checkpoint is enough to rebuild, validate and
@@ -156,7 +157,10 @@ class Classifier(pl.LightningModule):
         # Soft targets (mixed labels): top-1 against the class with the largest share.
         self.train_top1(logits, labels.argmax(dim=1) if labels.ndim > 1 else labels)
         n = labels.shape[0]
-        self.train_loss.update(loss.detach(), n)
+        # A non-finite loss (a step the guard skips, trainer/cluster/guard.py) is left out of the
+        # epoch's mean, on the device: a weight of 0.
+        finite = loss.detach().isfinite()
+        self.train_loss.update(torch.where(finite, loss.detach(), 0.0), finite * n)
         # No sync_dist on step values: each would be a blocking all-reduce every step. No prog_bar:
         # Lightning reads prog_bar step values back to the host (.item()) after every step, a GPU
         # sync; the terminal bar (callbacks.ProgressBar) reads the loss only when it redraws.

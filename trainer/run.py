@@ -18,17 +18,17 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 
 from data_pipelines.datamodule import ImageNetDataModule
-from trainer.cluster import preemption, slurm
+from trainer.artifacts.export import checkpoint_weights
+from trainer.artifacts.finetune import HEAD, freeze_backbone, load_weights, read_weights
 from trainer.callbacks import (AtomicCheckpointIO, BestAndLastCheckpoint, PlainProgress, ProgressBar,
                                RecordSamples, ReleaseValidationPipelines, RestartResumedEpoch, SampleGrid,
                                Throughput)
+from trainer.cluster import preemption, slurm
 from trainer.config import (ConfigError, apply_overrides, aug_spec, data_spec, from_saved, loss_spec, mix_spec,
                             optim_spec, require_init_from, schedule_spec, to_dict, to_yaml, validate)
-from trainer.artifacts.export import checkpoint_weights
-from trainer.artifacts.finetune import HEAD, freeze_backbone, load_weights, read_weights
-from trainer.recipe.models import build_model
 from trainer.metrics_csv import RunCSVLogger, first_logged_step
 from trainer.module import Classifier
+from trainer.recipe.models import build_model
 
 log = logging.getLogger("imagenet_trainer")
 
@@ -127,7 +127,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool, resume_step:
         **_settings(t),
         devices=devices,
         num_nodes=num_nodes,
-        strategy="ddp" if distributed else "auto",
+        strategy=_strategy(cfg) if distributed else "auto",
         callbacks=callbacks,
         logger=loggers or False,
         enable_progress_bar=tty,
@@ -142,6 +142,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path, *, for_fit: bool, resume_step:
         # pipeline fails in seconds, not after the first ImageNet epoch.
         num_sanity_val_steps=2,
     )
+
+
+def _strategy(cfg: DictConfig):
+    """DDP (as ``strategy="ddp"``) with the process groups' start-up timeout, run.pg_timeout_init_s;
+    trainer/cluster/failfast.py shortens it to run.pg_timeout_s after the first step."""
+    from datetime import timedelta
+
+    from pytorch_lightning.strategies import DDPStrategy
+
+    return DDPStrategy(timeout=timedelta(seconds=cfg.run.pg_timeout_init_s))
 
 
 def _cluster_counts(cfg: DictConfig, alloc: slurm.Allocation | None) -> tuple[object, int]:
@@ -182,7 +192,20 @@ def _callbacks(cfg: DictConfig, run_dir: Path, for_fit: bool, *, alloc: slurm.Al
     t = cfg.trainer
     callbacks: list[pl.Callback] = []
     if for_fit:
+        from trainer.cluster.failfast import FailFast
+
+        # First: its watchdog counts as progress what the others do at each step, and it records a
+        # failure before any other callback reacts to it (trainer/cluster/failfast.py).
+        callbacks.append(FailFast(run_dir, pg_timeout_init_s=cfg.run.pg_timeout_init_s,
+                                  pg_timeout_s=cfg.run.pg_timeout_s, hang_timeout_s=cfg.run.hang_timeout_s))
         callbacks.append(_signal_handling(cfg, run_dir, alloc))
+        if cfg.guard.enabled:
+            from trainer.cluster.guard import NonFiniteGuard
+
+            g = cfg.guard
+            # Before the EMA: a skipped step is restored before any other callback sees the weights.
+            callbacks.append(NonFiniteGuard(max_skips=g.max_skips, spike_zscore=g.spike_zscore, window=g.window,
+                                            check_every_n_steps=g.check_every_n_steps))
         if cfg.ema.decay is not None:
             from trainer.recipe.ema import EMA  # imports timm when the fit starts
 
@@ -268,14 +291,55 @@ def _metrics(trainer: pl.Trainer) -> dict:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_ema/"))}
 
 
-def resume_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint a fit in ``run_dir`` resumes from: the newer of ``checkpoints/last.ckpt``
-    (end of each epoch) and the newest ``hpc_ckpt_N.ckpt`` (written on SLURM's USR1 by
-    trainer/cluster/preemption.py, mid-epoch). Both are written atomically, so neither can be a half-written file."""
-    candidates = [run_dir / "checkpoints" / "last.ckpt"]
-    candidates += [path for _, path in preemption.hpc_checkpoints(run_dir)[-1:]]
-    existing = [p for p in candidates if p.is_file()]
-    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+def resume_checkpoint(run_dir: Path, *, at_most_step: int | None = None) -> Path | None:
+    """The checkpoint a fit in ``run_dir`` resumes from: of ``checkpoints/last.ckpt`` (end of each
+    epoch), the ``hpc_ckpt_N.ckpt`` (written on SLURM's USR1 by trainer/cluster/preemption.py,
+    mid-epoch) and ``checkpoints/best-*.ckpt``, the newest by global step (then by time) that loads.
+
+    Each is written atomically, but a file can still be damaged (a full disk, a copy cut short): one
+    that does not load is renamed ``*.damaged`` with a warning and the next newest is taken, never a
+    start from scratch while a loadable checkpoint is left. ``at_most_step``: only checkpoints of
+    that global step or earlier (a rollback, trainer/cluster/guard.py)."""
+    ckpt_dir = run_dir / "checkpoints"
+    candidates = [ckpt_dir / "last.ckpt"]
+    candidates += [path for _, path in preemption.hpc_checkpoints(run_dir)]
+    candidates += sorted(ckpt_dir.glob("best-*.ckpt"))
+    ranked = []
+    for path in candidates:
+        if not path.is_file():
+            continue
+        step = _checkpoint_step(path)
+        if step is None:
+            _set_aside(path)
+            continue
+        if at_most_step is None or step <= at_most_step:
+            try:
+                ranked.append(((step, path.stat().st_mtime), path))
+            except OSError:  # set aside by another rank meanwhile
+                continue
+    return max(ranked, key=lambda r: r[0])[1] if ranked else None
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """``path``'s global step, or None when it does not load as a checkpoint (truncated, corrupt)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if "state_dict" not in ckpt:
+            return None
+        return int(ckpt.get("global_step", 0))
+    except Exception:  # noqa: BLE001 - truncated, corrupt or unreadable: not a checkpoint to resume from
+        return None
+
+
+def _set_aside(path: Path) -> None:
+    """Rename a damaged checkpoint to ``*.damaged`` (kept for a look, never resumed from)."""
+    target = path.with_name(path.name + ".damaged")
+    try:
+        path.replace(target)
+    except OSError:  # another rank set it aside first
+        return
+    log.warning("%s does not load as a checkpoint (truncated or corrupt): set aside as %s; resuming from the "
+                "newest loadable one instead", path, target.name)
 
 
 def resume_changes(ckpt: dict, *, world_size: int, batch_size: int, max_epochs: int,
@@ -362,11 +426,29 @@ def _check_resume(ckpt_path: Path, ckpt: dict, cfg: DictConfig, trainer: pl.Trai
 
 def fit(cfg: DictConfig) -> dict | None:
     """Train as configured; writes ``run.dir/summary.json`` and returns the summary on rank 0
-    (None on the other ranks)."""
+    (None on the other ranks). A rollback of the non-finite guard (trainer/cluster/guard.py)
+    fits again from the checkpoint before the trouble, at most guard.max_rollbacks times; then
+    :class:`~trainer.cluster.guard.Diverged` (exit code 13)."""
+    from trainer.cluster.guard import Diverged, Rollback, RollbackState
+
+    state = RollbackState()
+    while True:
+        try:
+            return _fit_once(cfg, state)
+        except Rollback as rollback:
+            back_to = resume_checkpoint(Path(cfg.run.dir), at_most_step=rollback.bad_from_step)
+            if back_to is None:
+                raise Diverged(f"{rollback}, but no checkpoint was written before step {rollback.bad_from_step}") from None
+            state.record(rollback, _checkpoint_step(back_to) or 0, cfg.guard.max_rollbacks)
+            log.warning("guard: rollback %d: resuming from %s, the data advanced to epoch %d after %d batches",
+                        state.rollbacks, back_to, *rollback.position)
+
+
+def _fit_once(cfg: DictConfig, guard_state) -> dict | None:
     t0 = time.time()
     run_dir = Path(cfg.run.dir)
     last = run_dir / "checkpoints" / "last.ckpt"
-    resume_from = resume_checkpoint(run_dir)
+    resume_from = resume_checkpoint(run_dir, at_most_step=guard_state.bad_from_step)
     if resume_from is not None and not cfg.run.resume:
         raise ConfigError(
             f"{resume_from} exists and run.resume=false: choose another run.dir, or resume with run.resume=true"
@@ -381,6 +463,9 @@ def fit(cfg: DictConfig) -> dict | None:
     if resume_from is not None:
         # Before config.yaml is written: a refused resume leaves the run directory as it was.
         _check_resume(resume_from, resumed, cfg, trainer, dm, module)
+    for callback in trainer.callbacks:
+        if hasattr(callback, "rollback_state"):  # the non-finite guard: carries the rollbacks so far
+            callback.rollback_state(guard_state)
     _write_text(run_dir / "config.yaml", to_yaml(cfg))
     ckpt_path = str(resume_from) if resume_from else None
     if ckpt_path:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import subprocess
@@ -246,3 +247,77 @@ def test_a_two_node_job_stages_a_pack_to_each_nodes_disk_and_a_later_job_reuses_
     assert summary["val/images"] == 20
     assert {path: path.stat().st_ino for path in inodes} == inodes  # verified and reused, not copied
     assert logs.count(f": 0 shards copied (0.00 GB), {n} local copies reused") == 2, logs[-4000:]
+
+
+# --- requeue after a failure (trainer/cluster/supervise.py) -----------------------------------------
+
+
+def _err_lines(workdir: Path, job_id: int) -> list[str]:
+    return "".join(p.read_text() for p in sorted(workdir.glob(f"slurm-*-{job_id}.err"))).splitlines()
+
+
+def _by_step(prefix: Path, rank: int) -> dict[int, list[int]]:
+    """run.record_samples' labels per global step of one rank; a step trained again after a crash
+    keeps its last record (the resumed run's)."""
+    path = prefix.with_name(f"{prefix.name}.rank{rank}.jsonl")
+    return {r["step"]: r["labels"] for r in map(json.loads, path.read_text().splitlines())}
+
+
+def _nodes_of_runs(logs: str, job_id: int) -> list[str]:
+    """The node list of each run of the job, from the script's first line."""
+    return re.findall(rf"job {job_id} \(restart \d+\) on (\S+):", logs)
+
+
+def test_a_crashed_rank_requeues_the_job_without_its_node_and_it_resumes_exactly(slurm_cluster, tiny_root, tmp_path):
+    """1 node x 2 tasks; rank 1 segfaults at step 11 (epoch 1) on the first run only: the supervisor
+    records it, requeues the job excluding that node (it runs again on the other one), and the run
+    resumes from last.ckpt (step 8) to the step count, and the samples, of an uninterrupted job."""
+    epochs, steps = 2, 64 // (2 * 4)
+    job = ["--nodes", "1", "--tasks-per-node", "2", *CPU_JOB, "experiment=smoke", f"data.root={tiny_root}",
+           "data.batch_size=4", f"trainer.max_epochs={epochs}", "trainer.log_every_n_steps=2"]
+    full_prefix = tmp_path / "full" / "samples"
+    proc, full_id = _submit(slurm_cluster, tmp_path, "--wait", *job, f"run.dir={tmp_path / 'full'}",
+                            f"run.record_samples={full_prefix}")
+    assert proc.returncode == 0, _logs(tmp_path, full_id)[-4000:]
+
+    run_dir, prefix = tmp_path / "run", tmp_path / "run" / "samples"
+    faulty = dataclasses.replace(slurm_cluster, env={**slurm_cluster.env, "IMAGENET_TRAINER_FAULT": "crash@1:11:0"})
+    proc, job_id = _submit(faulty, tmp_path, *job, f"run.dir={run_dir}", f"run.record_samples={prefix}")
+    assert proc.returncode == 0
+    state = slurm_cluster.wait_for_job(job_id, timeout=400)
+    logs = _logs(tmp_path, job_id)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", logs[-4000:]
+    assert "imagenet-trainer: injected crash on rank 1 at step 11" in logs
+    assert re.search(r"srun: error: (node\d): task 1: Segmentation fault", logs), logs[-4000:]
+    first, second = _nodes_of_runs(logs, job_id)
+    assert first != second and state["ExcNodeList"] == first, (first, second, state)
+    rec = [r for r in map(json.loads, (run_dir / "failures.jsonl").read_text().splitlines()) if "decision" in r]
+    assert len(rec) == 1, rec
+    assert rec[0]["decision"] == "requeue" and rec[0]["host"] == first and rec[0]["rank"] == 1
+    assert rec[0]["job"] == str(job_id) and rec[0]["restart"] == 0 and rec[0]["cause"] == "crash"
+    assert rec[0]["exit_code"] == 139 and rec[0]["excluded"] == [first]
+    assert f"resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in logs, logs[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == epochs * steps
+    for rank in (0, 1):
+        assert _by_step(prefix, rank) == _by_step(full_prefix, rank)
+
+
+def test_a_rank_that_fails_on_every_run_stops_after_max_restarts_naming_the_cause(slurm_cluster, tiny_root, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**slurm_cluster.env, "IMAGENET_TRAINER_FAULT": "crash@1:3"}
+    proc = subprocess.run([sys.executable, "-m", "trainer", "submit", "--nodes", "1", "--tasks-per-node", "2",
+                           *CPU_JOB, "experiment=smoke", f"data.root={tiny_root}", "data.batch_size=4",
+                           "run.max_restarts=1", f"run.dir={run_dir}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    job_id = int(re.search(r"submitted job (\d+)", proc.stdout).group(1))
+    state = slurm_cluster.wait_for_job(job_id, timeout=400)
+    logs = _logs(tmp_path, job_id)
+    assert state["JobState"] == "FAILED" and state["Restarts"] == "1", logs[-4000:]
+    assert logs.count("imagenet-trainer: injected crash on rank 1 at step 3") == 2
+    last = _err_lines(tmp_path, job_id)[-1]
+    assert last.startswith("imagenet-trainer: not retrying: crash of rank 1 (exit 139): the job was requeued after "
+                           "failures 1 time(s) already (run.max_restarts=1)"), last
+    assert str(run_dir / "failures.jsonl") in last
+    rec = [r for r in map(json.loads, (run_dir / "failures.jsonl").read_text().splitlines()) if "decision" in r]
+    assert [(r["decision"], r["restart"], r["cause"]) for r in rec] == [("requeue", 0, "crash"), ("stop", 1, "crash")]

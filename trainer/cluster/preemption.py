@@ -175,7 +175,11 @@ class RequeueOnSignal(pl.Callback):
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             # A CPU group: the flags' all-reduce never touches the GPU stream (no host sync),
             # and it is a collective of its own, apart from DDP's gradient all-reduces.
-            self._group = dist.new_group(backend="gloo")
+            # Its timeout follows the default group's (trainer/cluster/failfast.py): long at
+            # start-up, run.pg_timeout_s once the first step has run.
+            from trainer.cluster.failfast import new_group
+
+            self._group = new_group(backend="gloo")
             loop = trainer.fit_loop.epoch_loop
             if hasattr(loop, "_broadcast_sigterm_tensor"):  # Lightning >= 2.6; every rank alike
                 loop._broadcast_sigterm_tensor = _no_sigterm_broadcast
