@@ -10,6 +10,7 @@
     faults.py      IMAGENET_TRAINER_FAULT: crash, hang... injected for the tests
     supervise.py   the sbatch script's srun under a supervisor: a failed task requeues the job
                    without its node (up to run.max_restarts), or the job's last line names the cause
+    guard.py       non-finite steps skipped on every rank alike; spikes and runs of them roll back
 
 Nothing is imported here: ``import trainer`` and the CLI stay cheap.
 """
