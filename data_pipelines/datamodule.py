@@ -168,6 +168,17 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = dict(state) if state else None
+        if self._resume_override is not None:
+            epoch, done = self._resume_override
+            self._resume = {**(self._resume or {}), "epoch": epoch, "batches_done": done}
+
+    _resume_override: tuple[int, int] | None = None  # set by resume_at()
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Resume at (``epoch``, ``batches_done``) instead of the checkpoint's data position: the
+        NaN guard's rollback (trainer/cluster/guard.py) restores an earlier checkpoint but must not
+        feed again the batches fed since it. Call before ``fit``, which loads the position."""
+        self._resume_override = (int(epoch), int(batches_done))
 
     _restart_epoch = False  # set by restart_epoch()
 

@@ -222,12 +222,7 @@ class NonFiniteGuard(pl.Callback):
         # position Lightning restores from the checkpoint (before it builds the loader, after this
         # hook) is replaced by the rollback's.
         epoch, done = (int(v) for v in self.state.skip_to)
-        restore = type(dm).load_state_dict
-
-        def load_state_dict(state: dict) -> None:
-            restore(dm, {**(state or {}), "epoch": epoch, "batches_done": done})
-
-        dm.load_state_dict = load_state_dict
+        dm.resume_at(epoch, done)
         self._align_epoch, self._align_done = epoch, done
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
