@@ -78,6 +78,16 @@ def test_a_lost_peer_retries_without_excluding_its_node():
     assert d.retry and d.host == "node2" and d.exclude is None
 
 
+def test_nccls_abort_of_a_waiting_rank_is_a_lost_peer_not_the_culprit():
+    """Under NCCL (TORCH_NCCL_ASYNC_ERROR_HANDLING=3) a rank whose collective timed out is aborted
+    (SIGABRT, 134) by NCCL's watchdog, with no Python exception: its node is not the bad one."""
+    aborted = _f(134, task=0, host="node1", signalled=True)
+    crash = _f(139, task=1, host="node2", signalled=True)
+    assert sv.primary([aborted, crash]) == crash
+    d = sv.decide(aborted, 134, 0, 3)  # the hung rank was killed by srun: only the aborts are known
+    assert d.retry and d.exclude is None
+
+
 def test_no_task_line_decides_by_sruns_code():
     d = sv.decide(None, 1, 0, 3)
     assert d.retry and d.host is None and d.exclude is None and d.rank is None

@@ -7,9 +7,13 @@ Three mechanisms, as torchtitan does it:
 
 - Process-group timeouts: ``run.pg_timeout_init_s`` (long: start-up, staging, compilation) until
   the first training step has run, then ``run.pg_timeout_s`` (short) on the default group and
-  every group made with :func:`new_group` (the preemption flags' gloo group). A rank whose peer
-  died or hung then leaves its collective with an error within ``pg_timeout_s``; the CLI
-  (:func:`on_fit_error`) records it as "peer" and exits 12.
+  every group made with :func:`new_group` (the preemption flags' gloo group); back to the long one
+  while a checkpoint is written (the other ranks wait for rank 0's write in a barrier). Under gloo a
+  rank whose peer died or hung then leaves its collective with an error within ``pg_timeout_s``; the
+  CLI (:func:`on_fit_error`) records it as "peer" and exits 12. Under NCCL with
+  ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3`` (the sbatch script's) NCCL's own watchdog aborts the
+  process instead (SIGABRT, exit 134, no Python runs): the SLURM supervisor reads that as a lost
+  peer too, and never excludes its node (trainer/cluster/supervise.py).
 - A step-progress watchdog (trainer/cluster/watchdog.py) on every rank when
   ``run.hang_timeout_s`` is set: training steps, validation batches and checkpoint saves are
   progress; none for that long dumps every thread's stack and exits 10. It also catches a rank
@@ -107,6 +111,10 @@ class FailFast(pl.Callback):
     # --- the watchdog ---------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage) -> None:
         global _watchdog
+        if stage == "fit" and trainer.world_size > 1:
+            # A fit again in this process (the guard's rollback) finds the process group of the
+            # last one, shortened: Lightning does not make it anew, so start-up's timeout goes back.
+            set_pg_timeout(self.pg_timeout_init_s)
         if stage != "fit" or self.hang_timeout_s is None or self.watchdog is not None:
             return
         if not faulthandler.is_enabled():
@@ -130,12 +138,25 @@ class FailFast(pl.Callback):
         if self.watchdog is not None:
             self.watchdog.beat()
 
-    on_train_epoch_start = on_validation_start = on_validation_batch_end = on_save_checkpoint = _beat
+    on_train_epoch_start = on_validation_start = on_validation_batch_end = _beat
     on_sanity_check_end = on_train_start = _beat
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._beat()
+        if self._first_step_done and trainer.world_size > 1:
+            # The other ranks wait in a barrier while rank 0 writes: a slow filesystem must not
+            # end them as if rank 0 were lost. Shortened again at the next step's start.
+            set_pg_timeout(self.pg_timeout_init_s)
+            self._timeout_raised = True
+
+    _timeout_raised = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.watchdog is not None:
             self.watchdog.beat()
+        if self._timeout_raised:
+            self._timeout_raised = False
+            set_pg_timeout(self.pg_timeout_s)
         if self._faults:
             rank, step = trainer.global_rank, trainer.global_step
             if faults.due("crash", rank, step):

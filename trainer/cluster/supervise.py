@@ -149,10 +149,16 @@ def primary(failures: Sequence[TaskFailure]) -> TaskFailure | None:
         if not f.exit.retry and f.code not in (0, exits.TERMINATED.code):
             return f
     for f in failures:
-        if f.exit.cause != exits.PEER.cause and not (f.signalled and f.code in (128 + signal.SIGKILL,
-                                                                              128 + signal.SIGTERM)):
+        if not _like_peer(f) and not (f.signalled and f.code in (128 + signal.SIGKILL, 128 + signal.SIGTERM)):
             return f
     return failures[0]
+
+
+def _like_peer(f: TaskFailure) -> bool:
+    """A task that most likely ended because another one failed: exit 12 (a lost peer, seen by
+    Python), or SIGABRT, which is how NCCL's own watchdog ends a rank whose collective timed out
+    (TORCH_NCCL_ASYNC_ERROR_HANDLING=3 "takes the entire process down"; no Python runs)."""
+    return f.exit.cause == exits.PEER.cause or (f.signalled and f.code == 128 + signal.SIGABRT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +176,8 @@ def decide(failure: TaskFailure | None, step_code: int, retries_done: int, max_r
     ex = failure.exit if failure is not None else exits.describe(step_code)
     rank = failure.tasks[0] if failure is not None and failure.tasks else None
     host = failure.hosts[0] if failure is not None and len(failure.hosts) == 1 else None
-    exclude = host if ex.cause != exits.PEER.cause else None
+    # Never the node of a rank that only saw its peer go: that node is probably healthy.
+    exclude = host if failure is not None and not _like_peer(failure) else None
     if not ex.retry:
         return Decision(ex, False, "a retry cannot fix this", host, rank)
     if retries_done >= max_restarts:
@@ -422,7 +429,9 @@ def _flight_recorder_env(cmd: Sequence[str]) -> None:
             dumps.mkdir(parents=True, exist_ok=True)
         except OSError:
             return
-        os.environ["TORCH_FR_DUMP_TEMP_FILE"] = str(dumps.resolve() / "nccl_trace_rank_")
+        # One prefix per run of the job: a requeued run's dumps must not overwrite the last one's.
+        restart = os.environ.get("SLURM_RESTART_COUNT") or "0"
+        os.environ["TORCH_FR_DUMP_TEMP_FILE"] = str(dumps.resolve() / f"nccl_trace_restart{restart}_rank_")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
