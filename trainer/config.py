@@ -148,6 +148,11 @@ class RunConfig:
     pg_timeout_s: float = 120
     hang_timeout_s: Optional[float] = None
     max_restarts: int = 3
+    # The health check before the first step (trainer/cluster/health.py): all-reduce, GPU, first
+    # image; a failure exits 11 and the job is requeued without the host. The GPU all-reduce bus
+    # bandwidth (GB/s) below which a multi-rank run fails it (None: not measured).
+    health_check: bool = True
+    min_allreduce_gbps: Optional[float] = None
 
 
 @dataclass
@@ -437,6 +442,8 @@ def _validate_failure_handling(run: DictConfig) -> None:
                           f"{run.pg_timeout_init_s}: the start-up timeout is the long one")
     if run.max_restarts < 0:
         raise ConfigError(f"run.max_restarts={run.max_restarts} must be 0 or more")
+    if run.min_allreduce_gbps is not None and run.min_allreduce_gbps <= 0:
+        raise ConfigError(f"run.min_allreduce_gbps={run.min_allreduce_gbps} must be positive (GB/s), or null (off)")
 
 
 def _batch_limit(key: str, value: Any) -> None:

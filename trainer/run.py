@@ -198,6 +198,11 @@ def _callbacks(cfg: DictConfig, run_dir: Path, for_fit: bool, *, alloc: slurm.Al
         # failure before any other callback reacts to it (trainer/cluster/failfast.py).
         callbacks.append(FailFast(run_dir, pg_timeout_init_s=cfg.run.pg_timeout_init_s,
                                   pg_timeout_s=cfg.run.pg_timeout_s, hang_timeout_s=cfg.run.hang_timeout_s))
+        if cfg.run.health_check:
+            from trainer.cluster.health import HealthCheck
+
+            # At the fit's start, before the sanity check: a bad host exits 11 (trainer/cluster/health.py).
+            callbacks.append(HealthCheck(min_allreduce_gbps=cfg.run.min_allreduce_gbps))
         callbacks.append(_signal_handling(cfg, run_dir, alloc))
         if cfg.guard.enabled:
             from trainer.cluster.guard import NonFiniteGuard

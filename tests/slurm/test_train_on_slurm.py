@@ -321,3 +321,30 @@ def test_a_rank_that_fails_on_every_run_stops_after_max_restarts_naming_the_caus
     assert str(run_dir / "failures.jsonl") in last
     rec = [r for r in map(json.loads, (run_dir / "failures.jsonl").read_text().splitlines()) if "decision" in r]
     assert [(r["decision"], r["restart"], r["cause"]) for r in rec] == [("requeue", 0, "crash"), ("stop", 1, "crash")]
+
+
+def test_a_failed_health_check_requeues_the_job_without_its_node_and_it_completes(slurm_cluster, tiny_root, tmp_path):
+    """1 node x 2 tasks; rank 1's health check fails on the first run only (before any step): it
+    exits 11 naming its host, rank 0 exits 12, the supervisor requeues the job excluding that node,
+    and the job then trains from scratch to the end on the other node."""
+    run_dir = tmp_path / "run"
+    faulty = dataclasses.replace(slurm_cluster, env={**slurm_cluster.env, "IMAGENET_TRAINER_FAULT": "health@1:0:0"})
+    proc, job_id = _submit(faulty, tmp_path, "--nodes", "1", "--tasks-per-node", "2", *CPU_JOB, "experiment=smoke",
+                           f"data.root={tiny_root}", "data.batch_size=4", "trainer.max_epochs=2",
+                           f"run.dir={run_dir}")
+    assert proc.returncode == 0
+    state = slurm_cluster.wait_for_job(job_id, timeout=400)
+    logs = _logs(tmp_path, job_id)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", logs[-4000:]
+    assert re.search(r"srun: error: (node\d): task 1: Exited with exit code 11", logs), logs[-4000:]
+    first, second = _nodes_of_runs(logs, job_id)
+    assert first != second and state["ExcNodeList"] == first, (first, second, state)
+    assert f"health check failed on {first} (rank 1)" in logs, logs[-4000:]
+    assert re.search(rf"health check: passed in \d+\.\d+ s on {second} \(rank 1", logs), logs[-4000:]
+    records = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
+    own = [r for r in records if "decision" not in r]
+    assert sorted((r["rank"], r["exit_code"], r["host"]) for r in own) == [(0, 12, first), (1, 11, first)], own
+    (decision,) = [r for r in records if "decision" in r]
+    assert decision["decision"] == "requeue" and decision["cause"] == "node" and decision["exit_code"] == 11
+    assert decision["rank"] == 1 and decision["host"] == first and decision["excluded"] == [first]
+    assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 2 * 64 // (2 * 4)

@@ -7,6 +7,7 @@
     failfast.py    a dead or hung rank ends every rank soon: process-group timeouts, the watchdog
     watchdog.py    the step-progress watchdog thread: stacks dumped, exit 10
     failures.py    RUN_DIR/failures.jsonl, the dumps in RUN_DIR/failures/, the W&B summary
+    health.py      the health check before the first step: all-reduce, GPU, first image; exit 11
     faults.py      IMAGENET_TRAINER_FAULT: crash, hang... injected for the tests
     supervise.py   the sbatch script's srun under a supervisor: a failed task requeues the job
                    without its node (up to run.max_restarts), or the job's last line names the cause
