@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -162,20 +163,25 @@ def test_exits_table_drives_retry():
     assert {e.cause for e in exits.TABLE if e.retry} == {"crash", "hang", "node", "peer"}
 
 
+def _fake_slurm(tmp_path: Path, job: str, nodes: list[str]) -> tuple[dict, Path]:
+    """``scontrol`` (``show job`` prints ``job``) and ``sinfo`` (prints ``nodes``) on PATH, each
+    logging its arguments to the returned file; the job's environment."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"scontrol $*\" >> {log}\n"
+                                      f"if [ \"$1\" = show ]; then echo '{job}'; fi\n")
+    (bin_dir / "sinfo").write_text(f"#!/bin/sh\necho \"sinfo $*\" >> {log}\nprintf '%s\\n' {' '.join(nodes)}\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "9"}, log
+
+
 def test_a_retry_requeues_then_excludes_the_node_and_records_it(tmp_path, capsys):
     """Fake scontrol/sinfo on PATH log their arguments: the requeue comes first (SLURM takes
     ExcNodeList from a pending job only), the exclusion keeps node1, the record says so."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "calls"
-    (bin_dir / "scontrol").write_text(
-        f"#!/bin/sh\necho \"scontrol $*\" >> {log}\n"
-        "if [ \"$1\" = show ]; then echo 'JobId=9 JobName=x Partition=debug NumNodes=1 ExcNodeList=node1 Command=a b'; fi\n")
-    (bin_dir / "sinfo").write_text(f"#!/bin/sh\necho \"sinfo $*\" >> {log}\nprintf 'node1\\nnode2\\nnode3\\n'\n")
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
+    env, log = _fake_slurm(tmp_path, "JobId=9 JobName=x Partition=debug NumNodes=1 ExcNodeList=node1 Command=a b",
+                           ["node1", "node2", "node3"])
     run_dir = tmp_path / "run"
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "9"}
     code = sv.handle_failure(139, [_f(139, 1, "node2", True), _f(137, 0, "node2", True)],
                              [f"run.dir={run_dir}", "run.max_restarts=2"], env)
     assert code == 0
@@ -194,16 +200,7 @@ def test_a_retry_requeues_then_excludes_the_node_and_records_it(tmp_path, capsys
 
 
 def test_no_exclusion_when_the_partition_would_have_too_few_nodes(tmp_path, capsys):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "calls"
-    (bin_dir / "scontrol").write_text(
-        f"#!/bin/sh\necho \"scontrol $*\" >> {log}\n"
-        "if [ \"$1\" = show ]; then echo 'JobId=9 Partition=debug NumNodes=2 ExcNodeList=(null)'; fi\n")
-    (bin_dir / "sinfo").write_text("#!/bin/sh\nprintf 'node1\\nnode2\\n'\n")
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "9"}
+    env, log = _fake_slurm(tmp_path, "JobId=9 Partition=debug NumNodes=2 ExcNodeList=(null)", ["node1", "node2"])
     assert sv.handle_failure(1, [_f(1, 1, "node2")], [f"run.dir={tmp_path / 'run'}"], env) == 0
-    assert log.read_text().splitlines() == ["scontrol show job -o 9", "scontrol requeue 9"]
+    assert log.read_text().splitlines() == ["scontrol show job -o 9", "sinfo -h -N -p debug -o %N", "scontrol requeue 9"]
     assert "not excluding node2: the job needs 2 node(s) and its partition would have 1" in capsys.readouterr().err
