@@ -21,7 +21,7 @@ $(STAMP): requirements-dev.txt setup.py
 	touch $(STAMP)
 
 # Generates the bundled sample data (deterministic), trains a small ResNet on the CPU (about
-# 40 s on 2 cores once .venv exists), and prints the val top-1 and where the checkpoint is.
+# a minute on 2 cores once .venv exists), and prints the val top-1 and where the checkpoint is.
 demo: setup
 	test -d data/sample/train || $(BIN)/imagenet-trainer sample-data data/sample --train-per-class 200 --val-per-class 50
 	$(BIN)/imagenet-trainer fit experiment=demo data.root=data/sample
