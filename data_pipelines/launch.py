@@ -194,6 +194,12 @@ def _gpus_per_node(env: Mapping[str, str]) -> int | None:
     return None
 
 
+def restart_count(environ: Mapping[str, str] | None = None) -> int:
+    """Which run of the SLURM job this is: ``SLURM_RESTART_COUNT`` (0 for its first run, and
+    outside SLURM)."""
+    return int(_env(environ).get("SLURM_RESTART_COUNT", "").strip() or 0)
+
+
 def allocation(environ: Mapping[str, str] | None = None) -> Allocation | None:
     """The allocation of the current ``srun`` step, or None when not running under ``srun``."""
     env = _env(environ)
@@ -205,7 +211,7 @@ def allocation(environ: Mapping[str, str] | None = None) -> Allocation | None:
         job_id=env["SLURM_JOB_ID"],
         num_nodes=int(nodes),
         tasks_per_node=_tasks_per_node(tasks),
-        restart_count=int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+        restart_count=restart_count(env),
         gpus_per_node=_gpus_per_node(env),
     )
 

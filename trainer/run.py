@@ -313,7 +313,7 @@ def resume_checkpoint(run_dir: Path, *, at_most_step: int | None = None) -> Path
     for path in candidates:
         if not path.is_file():
             continue
-        step = _checkpoint_step(path)
+        step = preemption.checkpoint_step(path)
         if step is None:
             _set_aside(path)
             continue
@@ -323,17 +323,6 @@ def resume_checkpoint(run_dir: Path, *, at_most_step: int | None = None) -> Path
             except OSError:  # set aside by another rank meanwhile
                 continue
     return max(ranked, key=lambda r: r[0])[1] if ranked else None
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    """``path``'s global step, or None when it does not load as a checkpoint (truncated, corrupt)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if "state_dict" not in ckpt:
-            return None
-        return int(ckpt.get("global_step", 0))
-    except Exception:  # noqa: BLE001 - truncated, corrupt or unreadable: not a checkpoint to resume from
-        return None
 
 
 def _set_aside(path: Path) -> None:
@@ -444,7 +433,7 @@ def fit(cfg: DictConfig) -> dict | None:
             back_to = resume_checkpoint(Path(cfg.run.dir), at_most_step=rollback.bad_from_step)
             if back_to is None:
                 raise Diverged(f"{rollback}, but no checkpoint was written before step {rollback.bad_from_step}") from None
-            state.record(rollback, _checkpoint_step(back_to) or 0, cfg.guard.max_rollbacks)
+            state.record(rollback, preemption.checkpoint_step(back_to) or 0, cfg.guard.max_rollbacks)
             log.warning("guard: rollback %d: resuming from %s, the data advanced to epoch %d after %d batches",
                         state.rollbacks, back_to, *rollback.position)
 

@@ -25,6 +25,8 @@ import os
 import re
 from typing import Mapping
 
+from data_pipelines import launch
+
 ENV = "IMAGENET_TRAINER_FAULT"
 KINDS = ("crash", "hang", "nan", "health")
 _ONE = re.compile(r"(?P<kind>[a-z]+)@(?P<rank>\*|\d+):(?P<first>\d+)(?:-(?P<last>\d+))?(?::(?P<restart>\d+))?")
@@ -61,8 +63,8 @@ def parse(text: str) -> list[Fault]:
 
 
 def restart_count(env: Mapping[str, str] = os.environ) -> int:
-    """Which run of the job this is: SLURM's ``SLURM_RESTART_COUNT`` (0 outside SLURM)."""
-    return int(env.get("SLURM_RESTART_COUNT") or 0)
+    """Which run of the job this is (the launch layer's: SLURM's restart count, 0 outside SLURM)."""
+    return launch.restart_count(env)
 
 
 def due(kind: str, rank: int, step: int, env: Mapping[str, str] = os.environ) -> bool:

@@ -75,12 +75,21 @@ def next_hpc_path(run_dir: Path) -> Path:
     return run_dir / f"hpc_ckpt_{numbered[-1][0] + 1 if numbered else 1}.ckpt"
 
 
-def loadable(path: Path) -> bool:
-    """Whether ``path`` loads (``weights_only``, on the CPU) as a checkpoint with a state_dict."""
+def checkpoint_step(path: Path) -> int | None:
+    """``path``'s global step, or None when it does not load (``weights_only``, on the CPU, memory
+    mapped) as a checkpoint with a state_dict: truncated, corrupt or unreadable."""
     try:
-        return "state_dict" in torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if "state_dict" not in ckpt:
+            return None
+        return int(ckpt.get("global_step", 0))
     except Exception:  # noqa: BLE001 - truncated, corrupt or unreadable: not a checkpoint to rely on
-        return False
+        return None
+
+
+def loadable(path: Path) -> bool:
+    """Whether ``path`` loads as a checkpoint with a state_dict (:func:`checkpoint_step`)."""
+    return checkpoint_step(path) is not None
 
 
 def prune_hpc_checkpoints(run_dir: Path, keep: int | None) -> list[Path]:

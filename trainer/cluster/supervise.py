@@ -293,9 +293,10 @@ def _record(run_dir: str | None, d: Decision, decision: str, excluded: list[str]
             detail: str, env: Mapping[str, str]) -> None:
     if not run_dir:
         return
+    from data_pipelines.launch import restart_count
     from trainer.cluster import failures
 
-    restart = int(env.get("SLURM_RESTART_COUNT") or 0)
+    restart = restart_count(env)
     dump = None
     if d.rank is not None:
         path = failures.dump_path(run_dir, d.exit.cause, d.rank, restart)
@@ -321,7 +322,9 @@ def handle_failure(code: int, failed: Sequence[TaskFailure], overrides: Sequence
         try:
             done = failure_requeues(failures.read(run_dir), job)
         except (OSError, ValueError):
-            done = int(env.get("SLURM_RESTART_COUNT") or 0)
+            from data_pipelines.launch import restart_count
+
+            done = restart_count(env)
     first = primary(failed)
     d = decide(first, code, done, max_restarts)
     stop_code = d.exit.code
@@ -430,7 +433,9 @@ def _flight_recorder_env(cmd: Sequence[str]) -> None:
         except OSError:
             return
         # One prefix per run of the job: a requeued run's dumps must not overwrite the last one's.
-        restart = os.environ.get("SLURM_RESTART_COUNT") or "0"
+        # Read here, not with data_pipelines.launch.restart_count: importing data_pipelines loads torch,
+        # seconds at every job start, and this runs before any failure.
+        restart = os.environ.get("SLURM_RESTART_COUNT", "").strip() or "0"
         os.environ["TORCH_FR_DUMP_TEMP_FILE"] = str(dumps.resolve() / f"nccl_trace_restart{restart}_rank_")
 
 
