@@ -35,6 +35,8 @@ setup(
         # export / load_pretrained / predict of safetensors and ONNX files; torch's ONNX exporter needs onnxscript
         "export": ["safetensors>=0.4", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
         "plot": ["matplotlib>=3.8"],
+        # prepare from the ILSVRC-2012 devkit (meta.mat) and Hugging Face's parquet files
+        "archives": ["scipy>=1.10", "pyarrow>=14"],
         "test": ["pytest>=8", "pytest-timeout>=2.1"],
     },
     entry_points={"console_scripts": ["imagenet-trainer=trainer.cli:main"]},

@@ -25,6 +25,43 @@ class DataLayoutError(ValueError):
     """The tree does not have the ImageNet layout; the message says what to fix."""
 
 
+# Class names (optional) beside train/ and val/: one line a class, "WNID WORDS", the format of
+# Caffe's synset_words.txt and Kaggle's LOC_synset_mapping.txt ("n01440764 tench, Tinca tinca").
+NAMES_FILE = "synset_words.txt"
+
+
+def parse_names(text: str, source: str) -> dict[str, str]:
+    """wnid -> words of a synset_words.txt-style ``text`` (read from ``source``, named in errors)."""
+    names: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        wnid, _, words = line.strip().partition(" ")
+        if not words.strip():
+            raise DataLayoutError(f"{source}:{number}: expected 'WNID WORDS' (e.g. 'n01440764 tench, Tinca tinca'), "
+                                  f"found {line.strip()!r}")
+        if wnid in names:
+            raise DataLayoutError(f"{source}:{number}: {wnid} is named twice")
+        names[wnid] = words.strip()
+    return names
+
+
+def read_names(root: str | os.PathLike, classes: list[str]) -> list[str] | None:
+    """The words of each class of ``classes`` from ``root/synset_words.txt`` ("" for a class it does
+    not name), or None without that file. Names are for people: wnids stay the identifiers
+    (ImageNet has two classes named "crane")."""
+    path = Path(root) / NAMES_FILE
+    if not path.is_file():
+        return None
+    names = parse_names(path.read_text(encoding="utf-8"), str(path))
+    return [names.get(c, "") for c in classes]
+
+
+def short_name(words: str) -> str:
+    """The first of a class's comma-separated names: "tench" of "tench, Tinca tinca"."""
+    return words.split(",")[0].strip()
+
+
 @dataclass(frozen=True)
 class Split:
     """One split of the tree: every image file and its class index."""

@@ -469,6 +469,7 @@ def pack(
             classes=train.classes, source_root=str(root.resolve()), seed=seed, shard_size=size,
             splits={name: [records[s.name] for s in plan[name]] for name in SPLITS},
             skipped=[{"path": os.path.abspath(p), "reason": r} for p, r in bad],
+            names=layout.read_names(root, train.classes),
         )
         write_atomic(out / MANIFEST, pack_format.manifest_bytes(manifest), unique=True)
     finally:

@@ -26,7 +26,8 @@ and sizes (:func:`tar_bytes`). ``manifest.json``::
      "splits": {"train": {"images": N, "shards": [{"tar": "train-000000.tar",
                 "index": "train-000000.idx", "images": n, "bytes": B, "sha256": HEX}, ...]},
                 "val": {...}},
-     "skipped": [{"path": ..., "reason": ...}, ...]}               # bad files left out (--skip-bad)
+     "skipped": [{"path": ..., "reason": ...}, ...],               # bad files left out (--skip-bad)
+     "names": ["tench, Tinca tinca", ...]}                         # optional: each class's words
 """
 from __future__ import annotations
 
@@ -202,9 +203,11 @@ class ShardRecord:
 
 
 def manifest(*, classes: Sequence[str], source_root: str, seed: int, shard_size: int,
-             splits: Mapping[str, Sequence[Mapping]], skipped: Sequence[Mapping]) -> dict:
-    """The manifest of the shards ``splits`` (per split, each shard's ``SHARD_FIELDS``, in order)."""
-    return {
+             splits: Mapping[str, Sequence[Mapping]], skipped: Sequence[Mapping],
+             names: Sequence[str] | None = None) -> dict:
+    """The manifest of the shards ``splits`` (per split, each shard's ``SHARD_FIELDS``, in order);
+    ``names``, when known, the words of each class (aligned with ``classes``, "" where unknown)."""
+    data = {
         "format": FORMAT,
         "version": VERSION,
         "classes": list(classes),
@@ -218,6 +221,21 @@ def manifest(*, classes: Sequence[str], source_root: str, seed: int, shard_size:
         },
         "skipped": list(skipped),
     }
+    if names is not None:
+        # Optional, so that version 1 packs written before names travelled still read.
+        data["names"] = list(names)
+    return data
+
+
+def manifest_names(data: dict, path: Path) -> list[str] | None:
+    """The manifest's class words (aligned with its classes), or None when it has none."""
+    names = data.get("names")
+    if names is None:
+        return None
+    if not isinstance(names, list) or len(names) != len(data["classes"]) or not all(isinstance(n, str) for n in names):
+        raise ShardError(f"{path}: 'names' must be a list of {len(data['classes'])} strings, one per class; "
+                         f"re-run `imagenet-trainer pack`")
+    return names
 
 
 def manifest_bytes(data: dict) -> bytes:
@@ -259,6 +277,7 @@ def parse_manifest(data, path: Path) -> tuple[list[str], dict[str, list[ShardRec
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ShardError(f"{path} names {', '.join(twice)} more than once; re-run `imagenet-trainer pack`")
+    manifest_names(data, path)
     return classes, splits
 
 

@@ -113,6 +113,11 @@ class Manifest:
     def shards(self) -> list[Shard]:
         return [s for name in SPLITS for s in self.splits[name].shards]
 
+    @property
+    def names(self) -> list[str] | None:
+        """Each class's words ("tench, Tinca tinca"), aligned with ``classes``; None when unknown."""
+        return pack_format.manifest_names(self.data, self.root / MANIFEST)
+
 
 def read_manifest(root: str | os.PathLike) -> Manifest:
     """The pack under ``root``, checked: format, version, and each shard's files present with the

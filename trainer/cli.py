@@ -408,6 +408,20 @@ def _run_study(args: argparse.Namespace) -> int:
     return study_main(args)
 
 
+def _delegated(module: str, verb: str, help: str) -> tuple[Callable, Callable[[argparse.Namespace], int]]:
+    """A verb whose arguments and run live in ``module``: ``add_arguments(parser)`` (which also sets
+    the parser's description and epilog) and ``main(args) -> exit code``, as the newer verbs keep
+    their command line beside the code it drives instead of here."""
+    def add(sub) -> None:
+        p = sub.add_parser(verb, help=help, formatter_class=argparse.RawDescriptionHelpFormatter)
+        importlib.import_module(module).add_arguments(p)
+
+    def run(args: argparse.Namespace) -> int:
+        return importlib.import_module(module).main(args)
+
+    return add, run
+
+
 # Each verb: (add its subparser, run it and return the exit code). The order is --help's.
 VERBS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "fit": (_add_fit, _run_fit),
@@ -417,8 +431,15 @@ VERBS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
     "submit": (_add_submit, _run_submit),
     "check-data": (_add_check_data, _run_check_data),
     "pack": (_add_pack, _run_pack),
+    "prepare": _delegated("data_pipelines.prepare", "prepare",
+                          "the ILSVRC-2012 archives, Kaggle's or Hugging Face's download into a pack or folder tree"),
     "export": (_add_export, _run_export),
     "predict": (_add_predict, _run_predict),
+    "evaluate": _delegated("trainer.artifacts.evaluate", "evaluate",
+                           "top-1/top-5 and calibration on val, ReaL, V2, Sketch, A, R and C"),
+    "features": _delegated("trainer.artifacts.features", "features",
+                           "pooled features of a model's frozen backbone on image sets (DINO's layout)"),
+    "knn": _delegated("trainer.artifacts.knn", "knn", "k-nearest-neighbour classification of dumped features"),
     "plot": (_add_plot, _run_plot),
     "study": (_add_study, _run_study),
 }
