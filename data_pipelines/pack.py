@@ -112,6 +112,9 @@ class Item:
     label: int
     size: int
     mtime_ns: int
+    # None: the image is the whole file ``path``; else its bytes are ``size`` bytes at ``offset``
+    # of ``path`` (a member of an uncompressed tar, read in place: `imagenet-trainer prepare`).
+    offset: int | None = None
 
 
 @dataclass
@@ -138,7 +141,9 @@ class ShardPlan:
 
     @cached_property
     def digest(self) -> str:
-        text = json.dumps([WRITER, FORMAT, VERSION, [[i.path, i.key, i.label, i.size, i.mtime_ns] for i in self.items]])
+        # A byte range's offset is in its digest; a whole file's entry is as it was before ranges.
+        text = json.dumps([WRITER, FORMAT, VERSION, [[i.path, i.key, i.label, i.size, i.mtime_ns]
+                                                     + ([] if i.offset is None else [i.offset]) for i in self.items]])
         return hashlib.sha256(text.encode(ENCODING, ERRORS)).hexdigest()
 
 
@@ -294,6 +299,8 @@ class _TarStream:
 
 def _read(item: Item) -> bytes:
     """The image file's bytes, as listed (same size and mtime), or a :class:`PackError`."""
+    if item.offset is not None:
+        return read_range(item)
     try:
         with open(item.path, "rb") as source:
             st = os.fstat(source.fileno())
@@ -303,6 +310,33 @@ def _read(item: Item) -> bytes:
     if (len(data), st.st_mtime_ns) != (item.size, item.mtime_ns):
         raise PackError(f"{item.path} changed while packing ({item.size} bytes when listed, "
                         f"{len(data)} now, modified since): run pack again")
+    return data
+
+
+_range_files: dict[str, int] = {}  # path -> an open descriptor, kept per process (an archive is read many times)
+
+
+def close_ranges() -> None:
+    """Close the descriptors :func:`read_range` keeps (a later run may read replaced files)."""
+    while _range_files:
+        os.close(_range_files.popitem()[1])
+
+
+def read_range(item: Item) -> bytes:
+    """The ``size`` bytes at ``offset`` of ``path`` (whose mtime must be as listed), or a :class:`PackError`."""
+    try:
+        fd = _range_files.get(item.path)
+        if fd is None:
+            if len(_range_files) >= 16:
+                os.close(_range_files.pop(next(iter(_range_files))))
+            fd = _range_files[item.path] = os.open(item.path, os.O_RDONLY)
+        mtime_ns = os.fstat(fd).st_mtime_ns
+        data = os.pread(fd, item.size, item.offset)
+    except OSError as err:
+        raise PackError(f"{item.path} cannot be read: {err.strerror or err}") from err
+    if (len(data), mtime_ns) != (item.size, item.mtime_ns):
+        raise PackError(f"{item.path} changed while packing (modified since it was listed, or shorter than "
+                        f"{item.offset + item.size} bytes): run again")
     return data
 
 
@@ -361,7 +395,7 @@ _SHARD_FILE = {".": pack_format.SHARD_FILE,  # in OUT
                STATE: re.compile(r"^(train|val)-(\d{6})\.json$")}  # in OUT/.pack
 
 
-def _lock(out: Path):
+def _lock(out: Path, verb: str = "pack"):
     state = out / STATE
     state.mkdir(parents=True, exist_ok=True)
     fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -369,7 +403,7 @@ def _lock(out: Path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise PackError(f"another `imagenet-trainer pack` is writing {out} (it holds {state / 'lock'}); "
+        raise PackError(f"another `imagenet-trainer {verb}` is writing {out} (it holds {state / 'lock'}); "
                         f"wait for it or stop it") from None
     return fd
 
