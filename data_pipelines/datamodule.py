@@ -25,11 +25,12 @@ from __future__ import annotations
 import logging
 import os
 from functools import cached_property
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 
-from data_pipelines import layout, shards
+from data_pipelines import layout, pack_format, shards
 from data_pipelines.sources import FolderSource, PackSource, Source
 from data_pipelines.resolution import ResolutionSchedule
 from data_pipelines.sharding import steps_per_epoch
@@ -137,6 +138,20 @@ class ImageNetDataModule(pl.LightningDataModule):
         if self.backend == "synthetic":
             return [f"class{i}" for i in range(self.data.num_classes or 1000)]
         return self.splits[0].classes
+
+    @cached_property
+    def names(self) -> list[str] | None:
+        """Each class's words ("tench, Tinca tinca"), aligned with :attr:`classes` ("" for a class
+        left unnamed): a pack's manifest ``names``, a tree's ``ROOT/synset_words.txt``; None for
+        synthetic data or when the data names no class. For people only: wnids stay the identifiers."""
+        if self.backend == "synthetic":
+            return None
+        if self.sharded:
+            # The source pack's manifest alone (a staged copy's is the same file): no shard is
+            # looked at, nothing is staged for it.
+            root = Path(self.data.root)
+            return pack_format.manifest_names(pack_format.load_manifest(root), root / shards.MANIFEST)
+        return layout.read_names(self.data.root, self.classes)
 
     # --- distributed position ------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 from tests.conftest import CPU_FIT, run_cli
-from trainer.artifacts.export import export_checkpoint, plain_state_dict, sidecar_path
+from trainer.artifacts.export import SUFFIXES, export_checkpoint, plain_state_dict, sidecar_path
 from trainer.recipe.models import build_model
 from trainer.module import Classifier
 from trainer.run import build_module, load_checkpoint_config
@@ -60,6 +60,30 @@ def exported(trained, tmp_path_factory) -> dict[str, Path]:
 def logits(model, x) -> torch.Tensor:
     with torch.no_grad():
         return model(x)
+
+
+def assemble_checkpoint(path: Path, arch: str, classes: list[str], names: list[str] | None = None, *,
+                        overrides: tuple[str, ...] = (), global_step: int = 8, seed: int = 0) -> Classifier:
+    """A Lightning checkpoint at ``path`` as a fit writes it (the Classifier's state_dict and
+    hyper_parameters, epoch, global_step), without training: its Classifier, in eval mode. The
+    BatchNorm running statistics are made non-trivial, so that eval-mode BN shows in the logits;
+    ``names`` go into the hyper_parameters as the fit puts them there."""
+    from trainer.config import load_config
+
+    torch.manual_seed(seed)
+    cfg = load_config(["experiment=smoke", f"model.arch={arch}", "data.root=/nonexistent", *overrides])
+    module = build_module(cfg, classes, load_init_from=False)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    hp = dict(module.hparams)
+    hp["names"] = names
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hp, "epoch": 0,
+                "global_step": global_step}, path)
+    return module.eval()
 
 
 @pytest.mark.slow
@@ -199,3 +223,38 @@ def test_load_pretrained_from_a_wandb_artifact_reference(trained, tmp_path, monk
     assert asked == {"ref": "ent/proj/model-abc123:best", "type": "model"}
     assert result.meta["artifact"] == "ent/proj/model-abc123:best" and result.meta["arch"] == "resnet18"
     assert (tmp_path / "dl" / "model.ckpt").is_file()
+
+
+NAMES = ["tench, Tinca tinca", "", "goldfish, Carassius auratus"]
+WNIDS = ["n01440764", "n01443537", "n01484850"]
+
+
+@pytest.mark.parametrize("fmt", ["torchvision", "safetensors", pytest.param("onnx", marks=pytest.mark.slow)])
+def test_every_format_carries_the_class_names_in_its_sidecar(tmp_path, fmt):
+    """The sidecar's ``names``: each class's words aligned with ``classes`` ("" for an unnamed
+    class); load_pretrained hands them back. (hf: tests/test_export_hf.py.)"""
+    from trainer.artifacts.pretrained import load_pretrained
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assemble_checkpoint(ckpt, "resnet20", WNIDS, NAMES)
+    out = tmp_path / f"m{SUFFIXES[fmt]}"
+    result = export_checkpoint(ckpt, out, fmt)
+    side = json.loads(Path(result["sidecar"]).read_text())
+    assert side["classes"] == WNIDS and side["names"] == NAMES
+    assert load_pretrained(out).meta["names"] == NAMES
+
+
+def test_a_checkpoint_without_names_exports_null_names(tmp_path):
+    """A checkpoint of data without names (or from before names): ``names`` is null, not missing."""
+    ckpt = tmp_path / "last.ckpt"
+    assemble_checkpoint(ckpt, "resnet20", WNIDS, None)
+    side = json.loads(Path(export_checkpoint(ckpt, tmp_path / "m.safetensors", "safetensors")["sidecar"]).read_text())
+    assert "names" in side and side["names"] is None and side["classes"] == WNIDS
+
+
+def test_names_that_do_not_match_the_classes_are_refused_naming_the_checkpoint(tmp_path):
+    ckpt = tmp_path / "bad.ckpt"
+    assemble_checkpoint(ckpt, "resnet20", WNIDS, NAMES[:2])
+    with pytest.raises(ValueError, match=r"bad\.ckpt: hyper_parameters\['names'\] must be a list of 3 strings"):
+        export_checkpoint(ckpt, tmp_path / "m.pt", "torchvision")
+    assert not (tmp_path / "m.pt").exists()

@@ -1,6 +1,6 @@
 """Callbacks: throughput and data-wait measurement, plain log lines for SLURM log files,
 the best and last checkpoints, atomic checkpoint writes, and a grid of the training images as the
-model gets them."""
+model gets them (captioned with their classes' names in W&B)."""
 from __future__ import annotations
 
 import json
@@ -281,8 +281,10 @@ class RestartResumedEpoch(pl.Callback):
 class SampleGrid(pl.Callback):
     """At the start of a fit, the first ``count`` training images as the model gets them (decoded,
     cropped, augmented, mixed by the module's MixUp/CutMix, then un-normalised) in a grid of
-    ``nrow`` columns, written to ``path`` and logged to W&B as ``samples`` when a W&B logger is
-    there. Rank 0 only.
+    ``nrow`` columns, written to ``path``; logged to W&B as ``samples`` when a W&B logger is there,
+    one entry per image captioned with its class (:func:`label_caption`: the short name and wnid
+    when the module's hparams hold ``names``; a mixed image's two classes with their shares), which
+    W&B's media panel shows under each image. Rank 0 only.
 
     It looks at the batches Lightning fetches for training anyway (``on_train_batch_start``), so the
     data order is untouched and a resume stays exact. The mixing is redrawn on a copy under a fork
@@ -294,18 +296,21 @@ class SampleGrid(pl.Callback):
         self.count = count
         self.nrow = nrow
         self._images: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
         self._done = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._done or not trainer.is_global_zero:
             return
         need = self.count - sum(len(x) for x in self._images)
-        images = batch[0]
+        images, targets = batch[0], batch[1]
         mixing = getattr(pl_module, "mixing", None)
         if mixing is not None:  # on the whole batch: an image is mixed with its neighbour
             with torch.random.fork_rng(devices=[images.device.index] if images.is_cuda else []):
-                images, _ = mixing(images.clone(), batch[1])
+                images, targets = mixing(images.clone(), batch[1])
         self._images.append(images[:need].detach().cpu())
+        # Captioned when written: reading a target's value here would be a host sync in a step.
+        self._targets.append(targets[:need].detach().cpu())
         if need <= len(images):
             self._write(trainer)
 
@@ -321,17 +326,47 @@ class SampleGrid(pl.Callback):
 
         self._done = True
         images = torch.cat(self._images)
-        self._images = []
+        hparams = getattr(trainer.lightning_module, "hparams", {})
+        classes, names = hparams.get("classes"), hparams.get("names")
+        captions = [label_caption(t, classes, names) for t in torch.cat(self._targets)]
+        self._images, self._targets = [], []
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         if images.dtype == torch.uint8:  # a loader that hands over pixels (not the trainer's)
             images = images / 255
         else:
             images = images.float() * std + mean
-        grid = make_grid(images.clamp(0, 1), nrow=self.nrow)
+        images = images.clamp(0, 1)
+        grid = make_grid(images, nrow=self.nrow)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, self.path)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="samples", images=[str(self.path)], step=trainer.global_step,
-                                 caption=[f"{len(images)} training images as the model gets them"])
+                # One entry per image: W&B shows each caption under its image (a grid's one caption
+                # could only list the names, far from their cells).
+                # uint8 HWC: W&B takes the pixels as they are (a float array it would rescale by its range).
+                pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+                logger.log_image(key="samples", images=list(pixels), step=trainer.global_step, caption=captions)
+
+
+def class_label(index: int, classes: list[str] | None, names: list[str] | None) -> str:
+    """Class ``index`` for a person: "tench (n01440764)" when named, else its wnid (or "#index")."""
+    from data_pipelines.layout import short_name
+
+    wnid = classes[index] if classes and index < len(classes) else f"#{index}"
+    name = short_name(names[index]) if names and index < len(names) else ""
+    # The wnid stays beside the name: names are not unique (ImageNet has two "crane"s).
+    return f"{name} ({wnid})" if name else wnid
+
+
+def label_caption(target: torch.Tensor, classes: list[str] | None, names: list[str] | None) -> str:
+    """The caption of a training image whose target is ``target``: a class index, or a soft target
+    (MixUp/CutMix) whose classes are listed by share, "tench (n01440764) 0.62 + goldfish (...) 0.38"."""
+    if target.ndim == 0:
+        return class_label(int(target), classes, names)
+    shares = [(float(target[i]), int(i)) for i in torch.nonzero(target > 0).flatten()]
+    # MixUp/CutMix mix two images; the two largest shares (a smoothed target has a little of every class).
+    shares = sorted(shares, key=lambda s: -s[0])[:2]
+    if len(shares) == 1:
+        return class_label(shares[0][1], classes, names)
+    return " + ".join(f"{class_label(i, classes, names)} {share:.2f}" for share, i in shares)

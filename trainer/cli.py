@@ -316,26 +316,49 @@ def _run_pack(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a checkpoint as a torchvision state_dict, safetensors or ONNX",
+    p = sub.add_parser("export", help="write a checkpoint as a torchvision state_dict, safetensors, ONNX or a "
+                                      "Hugging Face folder that timm loads",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Export a Lightning checkpoint for use without this project, with a JSON sidecar "
-                                   "OUT.json (arch, class names in index order, preprocessing).",
+                                   "OUT.json (arch, class names in index order and their words, preprocessing).",
                        epilog="torchvision: torchvision.models.resnet50(num_classes=K).load_state_dict(torch.load(OUT, "
                               "weights_only=True))\n"
                               "  (resnet18/34/50/101/152; other archs: trainer.recipe.models.build_model)\n"
                               "onnx: input 'images' [batch, 3, crop, crop], output 'logits'; batch axis dynamic\n"
-                              "Any of them loads back with trainer.load_pretrained(OUT).")
+                              "hf: OUT is a folder (config.json, model.safetensors, README.md model card):\n"
+                              "  timm.create_model('local-dir:OUT', pretrained=True); upload it for "
+                              "'hf-hub:USER/NAME'\n"
+                              "  imagenet-trainer export runs/rn50/checkpoints/last.ckpt --format hf \\\n"
+                              "      --out rn50-in1k --results runs/rn50/evaluate.json --license apache-2.0\n"
+                              "Any of them loads back with trainer.load_pretrained(OUT) (hf: OUT/model.safetensors).")
     p.add_argument("ckpt")
-    p.add_argument("--format", dest="fmt", default="torchvision", choices=["torchvision", "safetensors", "onnx"])
-    p.add_argument("--out", default=None, help="output file (default: beside CKPT, .pt/.safetensors/.onnx)")
+    p.add_argument("--format", dest="fmt", default="torchvision", choices=["torchvision", "safetensors", "onnx", "hf"])
+    p.add_argument("--out", default=None, help="output file, or folder for hf (default: beside CKPT, "
+                                               ".pt/.safetensors/.onnx, or CKPT's name + '-hf' for hf)")
+    p.add_argument("--results", action="append", default=[], metavar="JSON",
+                   help="hf: a JSON of `evaluate --json` or `validate` on this checkpoint, for the model card's "
+                        "results (repeatable); the run's summary.json and validate.json are read by themselves")
+    p.add_argument("--license", default=None, help="hf: the weights' license for the card (an SPDX id, "
+                                                    "e.g. apache-2.0); left out when not given")
     _weights(p)
 
 
 @_model_errors
 def _run_export(args: argparse.Namespace) -> int:
-    """Write the exported model and its JSON sidecar."""
-    from trainer.artifacts.export import export_checkpoint
+    """Write the exported model and its JSON sidecar (hf: the folder, its model card says what was measured)."""
+    from trainer.artifacts.export import export_checkpoint, export_hf
 
+    if args.fmt != "hf" and (args.results or args.license):
+        raise ValueError("--results and --license are for --format hf (the model card)")
+    if args.fmt == "hf":
+        meta = export_hf(args.ckpt, args.out, weights=args.weights, results=args.results, license=args.license)
+        for note in meta["notes"]:
+            print(f"imagenet-trainer export: note: {note}", file=sys.stderr)
+        measured = ", ".join(f"{r['set']} from {r['source'].split(' ')[0]}" for r in meta["results"]) or "none recorded"
+        print(f"wrote {meta['path']} (hf: config.json, model.safetensors, README.md; timm {meta['timm_architecture']}, "
+              f"{meta['num_classes']} classes, {meta['weights']} weights; results in the card: {measured}) "
+              f"and {meta['sidecar']}")
+        return 0
     meta = export_checkpoint(args.ckpt, args.out, args.fmt, weights=args.weights)
     print(f"wrote {meta['path']} ({args.fmt}, {meta['arch']}, {meta['num_classes']} classes, {meta['weights']} weights) "
           f"and {meta['sidecar']}")

@@ -83,9 +83,10 @@ class Classifier(pl.LightningModule):
     (trainer/recipe/specs.py). The defaults are cross-entropy and warmup + cosine, as before these
     choices existed.
 
-    ``config`` (the resolved run config, a plain dict) and ``classes`` (class names in index
-    order) are saved in every checkpoint, so a checkpoint is enough to rebuild, validate and
-    export the model; the specs are saved beside them as plain dicts.
+    ``config`` (the resolved run config, a plain dict), ``classes`` (class names in index
+    order) and ``names`` (each class's words, "tench, Tinca tinca", aligned with ``classes``; None
+    when the data names none) are saved in every checkpoint, so a checkpoint is enough to rebuild,
+    validate, export and label the model's outputs; the specs are saved beside them as plain dicts.
     """
 
     def __init__(
@@ -102,12 +103,13 @@ class Classifier(pl.LightningModule):
         tta_flip: bool = False,
         config: dict | None = None,
         classes: list[str] | None = None,
+        names: list[str] | None = None,
     ) -> None:
         super().__init__()
         # Plain dicts, not the spec objects: checkpoints are read with torch.load(weights_only=True).
         self.save_hyperparameters(dict(
             num_classes=num_classes, batch_size=batch_size, channels_last=channels_last, tta_flip=tta_flip,
-            config=config, classes=classes, optim=as_plain(optim), schedule=as_plain(schedule),
+            config=config, classes=classes, names=names, optim=as_plain(optim), schedule=as_plain(schedule),
             loss=as_plain(loss), mixing=as_plain(mixing),
         ))
         self.model = model

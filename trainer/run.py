@@ -19,7 +19,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from data_pipelines.datamodule import ImageNetDataModule
 from trainer.artifacts.export import checkpoint_weights
-from trainer.artifacts.finetune import HEAD, freeze_backbone, load_weights, read_weights
+from trainer.artifacts.finetune import HEAD, freeze_backbone, load_weights, read_weights, reset_head
 from trainer.callbacks import (AtomicCheckpointIO, BestAndLastCheckpoint, PlainProgress, ProgressBar,
                                RecordSamples, ReleaseValidationPipelines, RestartResumedEpoch, SampleGrid,
                                Throughput)
@@ -63,9 +63,11 @@ def build_datamodule(cfg: DictConfig) -> ImageNetDataModule:
                               gpu_dtype=input_dtype(cfg.trainer.precision), channels_last=cfg.model.channels_last)
 
 
-def build_module(cfg: DictConfig, classes: list[str], *, load_init_from: bool = True) -> Classifier:
-    """The Classifier for ``cfg`` and ``classes``; its network starts from ``model.init_from``'s
-    weights unless ``load_init_from`` is false (a resume, a validation: a checkpoint's weights follow)."""
+def build_module(cfg: DictConfig, classes: list[str], *, names: list[str] | None = None,
+                 load_init_from: bool = True) -> Classifier:
+    """The Classifier for ``cfg`` and ``classes`` (with ``names``, their words, saved beside them);
+    its network starts from ``model.init_from``'s weights unless ``load_init_from`` is false (a
+    resume, a validation: a checkpoint's weights follow)."""
     num_classes = cfg.model.num_classes or len(classes)
     if num_classes < len(classes):
         raise ConfigError(
@@ -78,6 +80,8 @@ def build_module(cfg: DictConfig, classes: list[str], *, load_init_from: bool = 
     init_from = require_init_from(cfg) if load_init_from else None
     if init_from:
         _init_weights(model, init_from)
+        if m.reset_head:
+            reset_head(model)
     if m.freeze == "backbone":
         frozen = freeze_backbone(model)
         _say(f"model.freeze=backbone: {frozen} parameter tensors frozen, only {HEAD} trains; its BatchNorm layers "
@@ -90,6 +94,7 @@ def build_module(cfg: DictConfig, classes: list[str], *, load_init_from: bool = 
         model, num_classes=num_classes, batch_size=cfg.data.batch_size, optim=optim_spec(cfg),
         schedule=schedule_spec(cfg), loss=loss_spec(cfg), mixing=mix_spec(cfg), channels_last=m.channels_last,
         tta_flip=cfg.eval.tta_flip, config=resolved, classes=list(classes),
+        names=None if names is None else list(names),
     )
 
 
@@ -450,7 +455,8 @@ def _fit_once(cfg: DictConfig, guard_state) -> dict | None:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg)
     # A resume takes the checkpoint's weights: model.init_from is for the fit's start only.
-    module = build_module(cfg, dm.classes, load_init_from=resume_from is None)
+    # A resume takes the data's names too: they label outputs, so (unlike classes) they may change.
+    module = build_module(cfg, dm.classes, names=dm.names, load_init_from=resume_from is None)
     resumed = _read_resume_state(resume_from) if resume_from is not None else None
     trainer = build_trainer(cfg, run_dir, for_fit=True,
                             resume_step=first_logged_step(resumed) if resumed is not None else None)
@@ -511,14 +517,18 @@ def validate_checkpoint(ckpt_path: str | Path, overrides: list[str], weights: st
     ``"ema"``, ``"raw"`` or None (the EMA when the checkpoint holds one)."""
     cfg, ckpt = load_checkpoint_config(ckpt_path, overrides)
     dm = build_datamodule(cfg)
-    classes = ckpt["hyper_parameters"].get("classes") or dm.classes
+    hp = ckpt["hyper_parameters"]
+    classes = hp.get("classes") or dm.classes
     if dm.backend != "synthetic" and list(dm.classes) != list(classes):
         raise ConfigError(
             f"the classes under data.root={cfg.data.root} differ from the {len(classes)} the checkpoint "
             f"was trained on: the class index would not match"
         )
     state_dict, weights = checkpoint_weights(ckpt, weights, str(ckpt_path))  # a ValueError says what is wrong
-    module = build_module(cfg, classes, load_init_from=False)
+    # Names are for people: the checkpoint's when it has them (older ones do not), else the data's;
+    # names that differ from the data's are no error, as long as the classes match.
+    names = hp["names"] if hp.get("names") is not None else dm.names
+    module = build_module(cfg, classes, names=names, load_init_from=False)
     module.load_state_dict(ckpt["state_dict"])  # the raw weights, and the metrics' and loss' state
     getattr(module.model, "_orig_mod", module.model).load_state_dict(state_dict)  # the chosen ones
     trainer = build_trainer(cfg, Path(cfg.run.dir), for_fit=False)

@@ -163,11 +163,12 @@ class TrainerWandbLogger(WandbLogger):
 
     @rank_zero_only
     def log_hyperparams(self, params) -> None:
-        # The module's hparams hold the resolved config (with num_classes filled in) and the class
-        # names; the config is what belongs in the run, not a list of 1,000 wnids.
+        # The module's hparams hold the resolved config (with num_classes filled in), the classes
+        # and their names; the config is what belongs in the run, not lists of 1,000 wnids and words.
         params = dict(params) if isinstance(params, Mapping) else vars(params)
         config = params.get("config")
-        payload = config if isinstance(config, Mapping) else {k: v for k, v in params.items() if k != "classes"}
+        payload = config if isinstance(config, Mapping) else {k: v for k, v in params.items()
+                                                              if k not in ("classes", "names")}
         self._guarded("logging the config", lambda: self.experiment.config.update(payload, allow_val_change=True))
 
     @rank_zero_only

@@ -2,6 +2,10 @@
 
 MODEL is anything ``trainer.load_pretrained`` takes. PATHs are image files or folders (searched
 recursively). Images go through the model's own validation preprocessing, in batches.
+
+Each prediction is a class's wnid, its short name when the model knows its classes' words (from
+the data it was trained on: a pack's manifest, a tree's synset_words.txt) and its probability:
+``n01440764 tench 0.9300``. Names are not unique (ImageNet has two "crane"s): the wnid identifies.
 """
 from __future__ import annotations
 
@@ -37,13 +41,23 @@ def _class_name(classes: Sequence[str], index: int) -> str:
     return classes[index] if index < len(classes) else f"#{index}"
 
 
+def _short_name(names: Sequence[str] | None, index: int) -> str | None:
+    """The first of class ``index``'s words ("tench" of "tench, Tinca tinca"); None when unknown."""
+    from data_pipelines.layout import short_name
+
+    if names is None or index >= len(names):
+        return None
+    return short_name(names[index]) or None
+
+
 @torch.inference_mode()
 def predict_files(pretrained: Pretrained, files: Sequence[str | Path], topk: int = 5, batch_size: int = 32) -> list[dict]:
-    """One result per file, in order: ``{"path", "topk": [{"class", "index", "prob"}, ...]}``, or
+    """One result per file, in order: ``{"path", "topk": [{"class", "name", "index", "prob"}, ...]}``
+    (``class``: the wnid; ``name``: its short name, None when the model has no names), or
     ``{"path", "error"}`` for a file that cannot be decoded (the others still get predictions)."""
     from data_pipelines.torchvision_loader import load_rgb
 
-    model, preprocess, classes = pretrained.model, pretrained.preprocess, pretrained.classes
+    model, preprocess, classes, names = pretrained.model, pretrained.preprocess, pretrained.classes, pretrained.names
     results: list[dict] = []
     batch: list[tuple[int, torch.Tensor]] = []
 
@@ -55,7 +69,8 @@ def predict_files(pretrained: Pretrained, files: Sequence[str | Path], topk: int
         values, indices = probs.topk(k, dim=1)
         for (slot, _), vals, idxs in zip(batch, values.tolist(), indices.tolist()):
             results[slot]["topk"] = [
-                {"class": _class_name(classes, i), "index": i, "prob": p} for p, i in zip(vals, idxs)
+                {"class": _class_name(classes, i), "name": _short_name(names, i), "index": i, "prob": p}
+                for p, i in zip(vals, idxs)
             ]
         batch.clear()
 
@@ -74,11 +89,16 @@ def predict_files(pretrained: Pretrained, files: Sequence[str | Path], topk: int
 
 
 def format_results(results: Sequence[dict]) -> str:
-    """One line per file: ``PATH  CLASS PROB  CLASS PROB ...``."""
+    """One line per file: ``PATH  CLASS [NAME] PROB  CLASS [NAME] PROB ...`` (two spaces between
+    predictions; a name, which may hold spaces, only where known)."""
     lines = []
     for r in results:
         if "error" in r:
             lines.append(f"{r['path']}  ERROR {r['error']}")
         else:
-            lines.append(f"{r['path']}  " + "  ".join(f"{t['class']} {t['prob']:.4f}" for t in r["topk"]))
+            lines.append(f"{r['path']}  " + "  ".join(_entry(t) for t in r["topk"]))
     return "\n".join(lines)
+
+
+def _entry(t: dict) -> str:
+    return f"{t['class']} {t['name']} {t['prob']:.4f}" if t.get("name") else f"{t['class']} {t['prob']:.4f}"

@@ -2,6 +2,7 @@
 
     model, preprocess, classes, meta = trainer.load_pretrained("runs/rn50/checkpoints/last.ckpt")
     probs = model(preprocess(PIL_image).unsqueeze(0)).softmax(1)
+    trainer.load_pretrained(path).names  # each class's words ("tench, Tinca tinca"), or None
 
 Sources: a Lightning checkpoint (``.ckpt``), a file written by ``imagenet-trainer export``
 (``.pt``, ``.safetensors`` or ``.onnx``, with its ``.json`` sidecar) or a W&B artifact reference
@@ -31,7 +32,15 @@ class Pretrained(NamedTuple):
     model: nn.Module  # eval mode, on the CPU; returns logits
     preprocess: Callable  # PIL image -> normalised float tensor [3, crop, crop]
     classes: list[str]  # class names (wnids) in index order
-    meta: dict[str, Any]  # arch, num_classes, preprocessing {resize, crop, mean, std}, source, format
+    meta: dict[str, Any]  # arch, num_classes, preprocessing {resize, crop, mean, std}, source, format, names
+
+    @property
+    def names(self) -> Optional[list[str]]:
+        """Each class's words ("tench, Tinca tinca"), aligned with ``classes`` ("" for an unnamed
+        class), or None when the model's data named none (and for checkpoints older than names).
+        A property, not a fifth field, so that ``model, preprocess, classes, meta = ...`` still
+        unpacks. Names are not unique (ImageNet has two "crane"s): the wnids identify classes."""
+        return self.meta.get("names")
 
 
 class OnnxModel(nn.Module):
@@ -143,7 +152,23 @@ def _load_file(path: Path, weights: Optional[str] = None) -> Pretrained:
             f"reference wandb:ENTITY/PROJECT/NAME:ALIAS"
         )
     classes = list(meta.get("classes") or [])
+    # A checkpoint's names are checked as it is read (export.checkpoint_metadata); an export's sidecar
+    # may be older than names (None) or edited by hand.
+    meta["names"] = _checked_names(meta.get("names"), classes, path)
     return Pretrained(model, preprocess_transform(meta["preprocessing"]), classes, meta)
+
+
+def _checked_names(names: Any, classes: list[str], path: Path) -> Optional[list[str]]:
+    """``names`` (a sidecar's) when it is None or one string per class; else a ValueError naming the sidecar."""
+    if names is None:
+        return None
+    if not isinstance(names, list) or len(names) != len(classes) or not all(isinstance(n, str) for n in names):
+        where = path if path.suffix.lower() == ".ckpt" else sidecar_path(path)
+        raise ValueError(
+            f"{where}: 'names' must be a list of {len(classes)} strings, one per class of 'classes' (\"\" for an "
+            f"unnamed class), or null; found {str(names)[:80]}. Fix or remove it, or export the checkpoint again"
+        )
+    return list(names)
 
 
 def _model_file_in(folder: Path) -> Path:
@@ -173,7 +198,7 @@ def load_pretrained(path: str | Path, *, weights: Optional[str] = None,
     """The model at ``path`` in eval mode, with its preprocessing, class names and metadata.
 
     ``path``: a Lightning ``.ckpt``, an exported ``.pt``/``.safetensors``/``.onnx`` (its
-    ``.json`` sidecar beside it) or ``wandb:ENTITY/PROJECT/NAME:ALIAS`` (downloaded to
+    ``.json`` sidecar beside it), an ``export --format hf`` folder or ``wandb:ENTITY/PROJECT/NAME:ALIAS`` (downloaded to
     ``download_root``, by default under ``~/.cache/imagenet-trainer/artifacts``).
 
     ``weights``: ``"ema"`` or ``"raw"`` for a checkpoint of a run that kept an EMA (``ema.decay``);
@@ -188,6 +213,8 @@ def load_pretrained(path: str | Path, *, weights: Optional[str] = None,
         result.meta["artifact"] = ref
         return result
     file = Path(path)
+    if file.is_dir() and (file / "config.json").is_file() and (file / "model.safetensors").is_file():
+        file = file / "model.safetensors"  # an `export --format hf` folder: its sidecar is inside
     if not file.is_file():
         if _ARTIFACT_RE.match(text):
             raise FileNotFoundError(f"{text} is not a file; for a W&B artifact write {ARTIFACT_PREFIX}{text}")
