@@ -90,9 +90,23 @@ def test_the_cli_refuses_a_missing_init_file_with_exit_2(tiny_root, tmp_path):
     assert proc.returncode == 2 and "model.init_from" in proc.stderr and "does not exist" in proc.stderr
 
 
-def test_the_finetune_recipe_requires_init_from_and_freeze_takes_known_values():
-    with pytest.raises(ConfigError, match="model.init_from is not set"):
-        build_module(load_config(["experiment=finetune", "data.root=/x"]), ["a", "b"])
+def test_reset_head_starts_the_classifier_afresh_even_for_the_same_classes(torchvision_10):
+    # A linear probe of an ImageNet checkpoint on ImageNet must not start from the trained head.
+    path, sd = torchvision_10
+    module = build_module(_cfg(f"model.init_from={path}", "model.reset_head=true"), [f"c{i}" for i in range(10)])
+    got = module.model.state_dict()
+    assert torch.equal(got["layer4.1.conv2.weight"], sd["layer4.1.conv2.weight"])  # the features are loaded
+    assert not torch.equal(got["fc.weight"], sd["fc.weight"])
+    assert torch.count_nonzero(got["fc.bias"]) == 0
+    assert abs(got["fc.weight"].std().item() - 0.01) < 0.001  # DINO's normal(0, 0.01)
+    kept = build_module(_cfg(f"model.init_from={path}"), [f"c{i}" for i in range(10)]).model.state_dict()
+    assert torch.equal(kept["fc.weight"], sd["fc.weight"])  # without it, same classes keep the head
+
+
+@pytest.mark.parametrize("recipe", ["finetune", "linear_probe"])
+def test_the_finetune_recipe_requires_init_from_and_freeze_takes_known_values(recipe):
+    with pytest.raises(ConfigError, match=f"model.init_from is not set: experiment={recipe}"):
+        build_module(load_config([f"experiment={recipe}", "data.root=/x"]), ["a", "b"])
     with pytest.raises(ConfigError, match="model.freeze='all'.*none, backbone"):
         load_config(["data.root=/x", "model.freeze=all"])
 

@@ -36,7 +36,7 @@ def _small_sizes(cfg) -> list[str]:
 def test_every_recipe_trains_two_steps_on_the_cpu(recipe, tiny_root, tmp_path):
     base = load_config([f"experiment={recipe}", f"data.root={tiny_root}"])
     extra = []
-    if recipe == "finetune":  # needs weights to start from: a torchvision ResNet-18's, saved as users do
+    if recipe in ("finetune", "linear_probe"):  # needs weights to start from: a torchvision ResNet-18's, saved as users do
         import torchvision
 
         weights = tmp_path / "resnet18.pt"

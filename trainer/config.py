@@ -78,6 +78,9 @@ class ModelConfig:
     # none | backbone: everything but the classifier (fc) frozen: no gradients, and BatchNorm kept in
     # eval mode (its running statistics do not move).
     freeze: str = "none"
+    # The classifier (fc) freshly initialised after init_from's weights are loaded (DINO's linear
+    # probe: normal(0, 0.01), bias 0), so that a probe measures the features, not the trained head.
+    reset_head: bool = False
 
 
 @dataclass
@@ -553,9 +556,9 @@ def _validate_ema_and_finetune(cfg: DictConfig) -> None:
 def require_init_from(cfg: DictConfig) -> str | None:
     """``model.init_from``; a ConfigError saying how to set it when it is unset under the fine-tuning
     recipe (checked when the model is built, as data.root is: every recipe composes without it)."""
-    if cfg.model.init_from is None and cfg.experiment == "finetune":
+    if cfg.model.init_from is None and cfg.experiment in ("finetune", "linear_probe"):
         raise ConfigError(
-            "model.init_from is not set: experiment=finetune fine-tunes trained weights; pass "
+            f"model.init_from is not set: experiment={cfg.experiment} starts from trained weights; pass "
             "model.init_from=PATH (a torchvision state_dict, a .safetensors file or an imagenet-trainer .ckpt)"
         )
     return cfg.model.init_from

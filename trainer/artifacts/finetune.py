@@ -67,6 +67,15 @@ def _listed(keys: list[str]) -> str:
     return ", ".join(keys[:_LISTED]) + more
 
 
+def reset_head(model: nn.Module) -> None:
+    """The classifier freshly initialised as DINO's linear probe does (``eval_linear.py``'s
+    LinearClassifier: weight normal(0, 0.01), bias 0), whatever weights were loaded into it."""
+    head = getattr(model, HEAD)
+    with torch.no_grad():
+        head.weight.normal_(mean=0.0, std=0.01)
+        head.bias.zero_()
+
+
 def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> Optional[str]:
     """Copy ``state_dict`` into ``model`` in place. When the classifier (``fc``) has another class
     count, it keeps its fresh initialisation and the returned message names both counts (None when
