@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .layout import NAMES_FILE
+
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")
 COLOURS = {
     "red": (220, 40, 40),
@@ -108,7 +110,8 @@ def make_sample_tree(
                 h = int(image_size[1] * rng.uniform(0.85, 1.2))
                 img = render(shape, colour, (w, h), rng)
                 img.save(folder / f"{wnid}_{i}.JPEG", quality=quality)
-    (root / "CLASSES.txt").write_text(
+    # The classes' words, as a tree names them (layout.NAMES_FILE): they travel into checkpoints and predict.
+    (root / NAMES_FILE).write_text(
         "".join(f"{wnid} {colour} {shape}\n" for wnid, shape, colour in class_names(num_classes))
     )
     return root

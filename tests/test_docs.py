@@ -294,6 +294,14 @@ def _key_problem(where: str, key: str) -> str | None:
             f"under `{section}` there are: {', '.join(near) or 'none'}")
 
 
+def _flags_taking_a_value(cmd) -> set[str]:
+    """The flags of ``cmd``'s verb that take a value (``--set NAME=PATH``), from its parser."""
+    parser = subcommands(cli()).get(cmd.verb) if cmd.program == "imagenet-trainer" else None
+    if parser is None:
+        return set()
+    return {opt for action in parser._actions if action.nargs != 0 for opt in action.option_strings}
+
+
 def key_problems(label: str, text: str) -> list[str]:
     """Config keys and recipes named in ``text`` that the schema and conf/experiment/ lack: the
     `key=value` overrides of every command, and every dotted name with a section's prefix in code."""
@@ -302,9 +310,13 @@ def key_problems(label: str, text: str) -> list[str]:
     for cmd in commands(text):
         if cmd.program == "imagenet-trainer" and cmd.verb not in subcommands(cli()):
             continue  # command_problems reports it
+        takes_value = _flags_taking_a_value(cmd)
+        previous = ""
         for arg in (a.strip("[]") for a in cmd.args):
             match = OVERRIDE.fullmatch(arg)
-            if not match or arg.startswith("-"):
+            # `--set val=PATH`: a flag's value, not an override
+            is_value, previous = previous in takes_value, arg
+            if not match or arg.startswith("-") or is_value:
                 continue
             key = match.group(1)
             if key not in config_keys():
@@ -454,6 +466,7 @@ imagenet-trainer study degradation --archs plain20 --nodes 1 --bogus \\
     optim.lrr=0.1
 sbatch --nodes=2 slurm/train.sbatch model.archh=resnet50
 imagenet-trainer fit experiment=rn51_90ep
+imagenet-trainer validate m.ckpt --weights raw optim.lrr=1
 ```
 
 Set `data.progressive.start_sise`, `ema.*`, `logger.wandb.modes`, and `data.progressive.{start_size,end_sizes}`;
@@ -472,6 +485,7 @@ imagenet-trainer submit --nodes 4 ... && imagenet-trainer plot runs/x --out /tmp
 sbatch --nodes=4 slurm/train.sbatch experiment=rn50_90ep data.root=/datasets/imagenet \\
     logger.wandb.tags=[a,b]
 imagenet-trainer VERB --whatever
+imagenet-trainer evaluate m.ckpt --set val=data/val --set c=data/c --json
 ```
 
 ```python
@@ -491,7 +505,7 @@ def test_the_checks_pass_good_snippets():
     assert command_problems("good.md", GOOD) == []
     assert key_problems("good.md", GOOD) == []
     assert link_problems(path, GOOD, "good.md") == []
-    assert verbs_shown([GOOD]) == {"fit", "study", "submit", "plot"}
+    assert verbs_shown([GOOD]) == {"fit", "study", "submit", "plot", "evaluate"}
 
 
 def _assert_exactly(problems: list[str], expected: list[tuple[str, str]]) -> None:
@@ -508,7 +522,7 @@ def test_command_check_fails_on_unknown_verbs_and_flags():
         ("bad.md:7:", "`--no-such-flag` is not a flag of `imagenet-trainer fit`"),
         ("bad.md:8:", "`study` has no `degradatio`"),
         ("bad.md:9:", "`--bogus` is not a flag of `imagenet-trainer study degradation`"),
-        ("bad.md:16:", "`--top-k` is not a flag of `imagenet-trainer predict`"),
+        ("bad.md:17:", "`--top-k` is not a flag of `imagenet-trainer predict`"),
     ]
     _assert_exactly(problems, expected)
 
@@ -520,9 +534,10 @@ def test_key_check_fails_on_unknown_keys_and_recipes():
         ("bad.md:9:", "`optim.lrr=0.1`: `optim.lrr` is not a config key"),  # a continued line
         ("bad.md:11:", "`model.archh` is not a config key"),  # an sbatch override
         ("bad.md:12:", "`experiment=rn51_90ep`: no such recipe"),
-        ("bad.md:15:", "`data.progressive.start_sise` is not a config key"),
-        ("bad.md:15:", "`logger.wandb.modes` is not a config key"),
-        ("bad.md:15:", "`data.progressive.end_sizes` is not a config key"),
+        ("bad.md:13:", "`optim.lrr=1`: `optim.lrr` is not a config key"),  # after a flag's value
+        ("bad.md:16:", "`data.progressive.start_sise` is not a config key"),
+        ("bad.md:16:", "`logger.wandb.modes` is not a config key"),
+        ("bad.md:16:", "`data.progressive.end_sizes` is not a config key"),
     ]
     _assert_exactly(problems, expected)  # an override is reported once, not again as a name
     assert any("under `data.progressive` there are: " in p and "data.progressive.start_size" in p for p in problems)
@@ -531,8 +546,8 @@ def test_key_check_fails_on_unknown_keys_and_recipes():
 def test_link_check_fails_on_missing_files_and_anchors():
     problems = link_problems(REPO / "docs" / "example.md", BAD, "bad.md")
     assert len(problems) == 2, problems
-    assert problems[0].startswith("bad.md:16:") and "no_such_page.md does not exist" in problems[0]
-    assert problems[1].startswith("bad.md:16:") and "no heading with anchor #no-such-heading" in problems[1]
+    assert problems[0].startswith("bad.md:17:") and "no_such_page.md does not exist" in problems[0]
+    assert problems[1].startswith("bad.md:17:") and "no heading with anchor #no-such-heading" in problems[1]
 
 
 def test_verb_coverage_fails_when_a_verb_is_never_shown():
