@@ -80,33 +80,37 @@ def _check_chunk(chunk: list[tuple[int, Item]]) -> list[tuple[int, str | None]]:
     return out
 
 
-def check_items(items: list[Item], workers: int, progress: bool) -> dict[Item, str]:
-    """Why each item that does not decode (as check-data decodes) cannot be used, by item."""
-    indexed = list(enumerate(items))
-    chunks = [indexed[i:i + 64] for i in range(0, len(indexed), 64)]
-    bar = progress_bar(len(items)) if progress else None
-    bad: dict[Item, str] = {}
+def _chunked(fn, work: list, workers: int, progress: bool, count):
+    """``fn`` over ``work`` in chunks of 64, in ``workers`` processes (pack's workers: they die with
+    this process), in order; a progress bar advanced by ``count(result)``. Yields each result."""
+    chunks = [work[i:i + 64] for i in range(0, len(work), 64)]
+    bar = progress_bar(len(work)) if progress else None
+    pool = None
     try:
         if workers <= 1 or len(chunks) < 2:
-            results = map(_check_chunk, chunks)
-            pool = None
+            results = map(fn, chunks)
         else:
             pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=multiprocessing.get_context("spawn"),
                                        initializer=pack._worker_init, initargs=(os.getpid(),))
-            results = pool.map(_check_chunk, chunks)
-        try:
-            for result in results:
-                for i, reason in result:
-                    if reason is not None:
-                        bad[items[i]] = reason
-                if bar is not None:
-                    bar.update(len(result))
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+            results = pool.map(fn, chunks)
+        for result in results:
+            if bar is not None:
+                bar.update(count(result))
+            yield result
     finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         if bar is not None:
             bar.close()
+
+
+def check_items(items: list[Item], workers: int, progress: bool) -> dict[Item, str]:
+    """Why each item that does not decode (as check-data decodes) cannot be used, by item."""
+    bad: dict[Item, str] = {}
+    for result in _chunked(_check_chunk, list(enumerate(items)), workers, progress, len):
+        for i, reason in result:
+            if reason is not None:
+                bad[items[i]] = reason
     return bad
 
 
@@ -222,27 +226,9 @@ def write_folders(data: Dataset, out: Path, *, workers: int, skip_bad: bool, pro
     if bad and not skip_bad:
         return outcome
     work = [(i, str(target(i))) for i in todo if i not in bad]
-    chunks = [work[k:k + 64] for k in range(0, len(work), 64)]
     say(f"writing {len(work)} files into {out}")
-    bar = progress_bar(len(work)) if progress else None
-    try:
-        if workers <= 1 or len(chunks) < 2:
-            done = map(_copy_chunk, chunks)
-            pool = None
-        else:
-            pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=pack._worker_init, initargs=(os.getpid(),))
-            done = pool.map(_copy_chunk, chunks)
-        try:
-            for n in done:
-                if bar is not None:
-                    bar.update(n)
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
-    finally:
-        if bar is not None:
-            bar.close()
+    for _ in _chunked(_copy_chunk, work, workers, progress, lambda n: n):
+        pass
     if data.names is not None:
         text = "".join(f"{c} {w}\n" for c, w in zip(data.classes, data.names) if w)
         files.write_atomic(out / layout.NAMES_FILE, text)
