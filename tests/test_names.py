@@ -67,6 +67,7 @@ def test_no_names_file_no_names(tmp_path):
     from data_pipelines.sample import make_sample_tree
 
     root = make_sample_tree(tmp_path / "plain", num_classes=2, train_per_class=2, val_per_class=1, image_size=(32, 32))
+    (root / NAMES_FILE).unlink()  # sample-data names its classes; a tree without the file has none
     assert _datamodule(root, filelist_cache=False).names is None
     assert _datamodule(None, backend="synthetic", num_classes=3).names is None
 

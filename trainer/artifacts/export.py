@@ -169,15 +169,16 @@ def checkpoint_metadata(ckpt: dict, source: str) -> dict[str, Any]:
     }
 
 
-def checked_names(names: Any, classes: list[str], source: str) -> list[str] | None:
-    """``names`` (a checkpoint's ``hyper_parameters["names"]``) when it is None or one string per
-    class; else a ValueError naming ``source``."""
+def checked_names(names: Any, classes: list[str], source: str, field: str = "hyper_parameters['names']",
+                  remedy: str = "") -> list[str] | None:
+    """``names`` (a checkpoint's ``hyper_parameters["names"]``, or a sidecar's ``field``) when it is
+    None or one string per class; else a ValueError naming ``source`` and ``field``."""
     if names is None:
         return None
     if not isinstance(names, (list, tuple)) or len(names) != len(classes) or not all(isinstance(n, str) for n in names):
         raise ValueError(
-            f"{source}: hyper_parameters['names'] must be a list of {len(classes)} strings, one per class "
-            f"(\"\" for an unnamed class), or None; found {str(names)[:80]}"
+            f"{source}: {field} must be a list of {len(classes)} strings, one per class "
+            f"(\"\" for an unnamed class), or null; found {str(names)[:80]}{remedy}"
         )
     return list(names)
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
-from trainer.artifacts.export import METADATA_KEY, build_network, read_checkpoint, sidecar_path
+from trainer.artifacts.export import METADATA_KEY, build_network, checked_names, read_checkpoint, sidecar_path
 
 ARTIFACT_PREFIX = "wandb:"
 # ENTITY/PROJECT/NAME:ALIAS, or PROJECT/NAME:ALIAS (the API key's default entity)
@@ -154,21 +154,10 @@ def _load_file(path: Path, weights: Optional[str] = None) -> Pretrained:
     classes = list(meta.get("classes") or [])
     # A checkpoint's names are checked as it is read (export.checkpoint_metadata); an export's sidecar
     # may be older than names (None) or edited by hand.
-    meta["names"] = _checked_names(meta.get("names"), classes, path)
+    where = path if path.suffix.lower() == ".ckpt" else sidecar_path(path)
+    meta["names"] = checked_names(meta.get("names"), classes, str(where), field="'names'",
+                                  remedy=". Fix or remove it, or export the checkpoint again")
     return Pretrained(model, preprocess_transform(meta["preprocessing"]), classes, meta)
-
-
-def _checked_names(names: Any, classes: list[str], path: Path) -> Optional[list[str]]:
-    """``names`` (a sidecar's) when it is None or one string per class; else a ValueError naming the sidecar."""
-    if names is None:
-        return None
-    if not isinstance(names, list) or len(names) != len(classes) or not all(isinstance(n, str) for n in names):
-        where = path if path.suffix.lower() == ".ckpt" else sidecar_path(path)
-        raise ValueError(
-            f"{where}: 'names' must be a list of {len(classes)} strings, one per class of 'classes' (\"\" for an "
-            f"unnamed class), or null; found {str(names)[:80]}. Fix or remove it, or export the checkpoint again"
-        )
-    return list(names)
 
 
 def _model_file_in(folder: Path) -> Path:
