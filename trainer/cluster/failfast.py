@@ -34,6 +34,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from trainer.cluster import exits, failures, faults
 from trainer.cluster.watchdog import Watchdog
 
 EXIT_GRACE_S = 60  # after a recorded failure, the most a rank may take to exit before it is ended
+PEER_GRACE_S = 10  # a lost peer's wait before its own exit, so that the failed rank's exit is reported first
 
 _timeout: _dt.timedelta | None = None  # the timeout new groups get (None: torch's default)
 _groups: list = []  # the groups made by new_group, shortened with the default one
@@ -260,6 +262,13 @@ def on_fit_error(run_dir: Path | str, err: BaseException) -> exits.Exit:
     if exit is not exits.CRASH:
         print(f"imagenet-trainer: {exit.meaning} (exit {exit.code}); see {Path(run_dir) / failures.FILE}",
               file=sys.stderr, flush=True)
+    if exit is exits.PEER:
+        # A lost peer leaves last. srun --kill-on-bad-exit (and torchrun) report the first task to
+        # exit badly and kill the rest: that must be the rank that failed (11 excludes its node, 1 is a
+        # crash), not this 12, which the failed rank's peers may reach as fast as it reaches its own
+        # exit (a failed health check: every rank learns it from one all-reduce). Once the failed rank
+        # has exited, srun ends this wait at once; the record above is already written.
+        time.sleep(PEER_GRACE_S)
     # Exit may block (a process group's teardown waiting for a stopped peer, W&B's upload): end the
     # process with this code if it is still alive EXIT_GRACE_S from now, watchdog on or off.
     global _watchdog
