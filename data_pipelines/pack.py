@@ -196,7 +196,12 @@ _TMP = re.compile(r"^\..+\.tmp\d*$")
 
 def _plan(out: Path, train: layout.Split, val: layout.Split, bad: set[str], seed: int, size: int) -> dict[str, list[ShardPlan]]:
     """The shards of each split: train images in the seeded order, val in listing order."""
-    train_items, val_items = _items(train, bad), _items(val, bad)
+    return plan_items(out, _items(train, bad), _items(val, bad), seed, size)
+
+
+def plan_items(out: Path, train_items: list[Item], val_items: list[Item], seed: int, size: int) -> dict[str, list[ShardPlan]]:
+    """The sample order of every pack (prepare's too, which is why their packs are byte-identical):
+    train items in ``default_rng(seed).permutation`` of listing order, val in listing order, cut into shards."""
     order = np.random.default_rng(seed).permutation(len(train_items))
     return {"train": cut_shards(out, "train", [train_items[i] for i in order], size),
             "val": cut_shards(out, "val", val_items, size)}

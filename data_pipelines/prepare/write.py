@@ -13,8 +13,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from .. import check, files, layout, pack, pack_format
 from ..pack import Item
 from ..pack_format import MANIFEST, SPLITS, sample_key
@@ -122,11 +120,8 @@ def _listed(data: Dataset, bad: dict[Item, str], every: list[Item]) -> list[tupl
 # -- a pack ---------------------------------------------------------------------------------------
 def _plan(out: Path, data: Dataset, bad: set[Item], seed: int, size: int) -> dict[str, list[pack.ShardPlan]]:
     """pack's plan: the train items in ``default_rng(seed).permutation`` of listing order, val in listing order."""
-    train = [i for i in data.items["train"] if i not in bad]
-    val = [i for i in data.items["val"] if i not in bad]
-    order = np.random.default_rng(seed).permutation(len(train))
-    return {"train": pack.cut_shards(out, "train", [train[i] for i in order], size),
-            "val": pack.cut_shards(out, "val", val, size)}
+    return pack.plan_items(out, [i for i in data.items["train"] if i not in bad],
+                           [i for i in data.items["val"] if i not in bad], seed, size)
 
 
 def _decoded_before(out: Path, data: Dataset, seed: int, size: int) -> set[Item]:
